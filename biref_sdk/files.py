@@ -1,0 +1,295 @@
+"""Reading and writing the three HDF5 file kinds of docs/formats.md: volume, acquisition, data set.
+
+Every file carries ``kind``, ``format_version``, ``sdk_version`` and ``parameters`` (a JSON string
+with whatever made it). Writes go to a temporary file in the same folder that is renamed into
+place, so a crash never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from ._version import __version__
+from .geometry import Geometry
+
+FORMAT_VERSION = 1
+KINDS = ("volume", "acquisition", "dataset")
+
+
+class FileFormatError(ValueError):
+    """A file is not a biref_sdk file of the expected kind, or breaks docs/formats.md."""
+
+
+@dataclass
+class Volume:
+    """A birefringence volume: principal indices and optic axis on a regular grid.
+
+    ``ne``, ``no`` float32[Z, Y, X]; ``director`` float32[3, Z, Y, X] (unit vectors, components
+    (x, y, z); the sign is arbitrary); ``voxel_size_m`` (dz, dy, dx).
+    """
+
+    ne: np.ndarray
+    no: np.ndarray
+    director: np.ndarray
+    voxel_size_m: tuple[float, float, float]
+    medium_index: float
+    parameters: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ne = np.asarray(self.ne, dtype=np.float32)
+        self.no = np.asarray(self.no, dtype=np.float32)
+        self.director = np.asarray(self.director, dtype=np.float32)
+        if self.ne.ndim != 3 or self.no.shape != self.ne.shape or self.director.shape != (3, *self.ne.shape):
+            raise FileFormatError(f"volume shapes disagree: ne {self.ne.shape}, no {self.no.shape}, "
+                                  f"director {self.director.shape} (expected [Z,Y,X], [Z,Y,X], [3,Z,Y,X])")
+        self.voxel_size_m = tuple(float(v) for v in np.asarray(self.voxel_size_m).reshape(3))
+        self.medium_index = float(self.medium_index)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.ne.shape
+
+
+@dataclass
+class Acquisition:
+    """One sample's recording: ``holograms`` and ``background`` [2, V, H, W] (polarization, view,
+    row, column) with the geometry that explains them, and optionally the simulated truth."""
+
+    holograms: np.ndarray
+    background: np.ndarray
+    geometry: Geometry
+    truth: Volume | None = None
+    parameters: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = (2, self.geometry.n_views, *self.geometry.hologram_shape)
+        for name in ("holograms", "background"):
+            if tuple(getattr(self, name).shape) != expected:
+                raise FileFormatError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {expected}")
+
+
+def _stamp(handle: h5py.File, kind: str, parameters: dict) -> None:
+    handle.attrs["kind"] = kind
+    handle.attrs["format_version"] = FORMAT_VERSION
+    handle.attrs["sdk_version"] = __version__
+    handle.attrs["parameters"] = json.dumps(parameters, sort_keys=True, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Open an HDF5 file for writing that appears under ``path`` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_volume_datasets(group: h5py.Group, volume: Volume, compression: str | None = "gzip") -> None:
+    for name in ("ne", "no", "director"):
+        group.create_dataset(name, data=getattr(volume, name), compression=compression)
+
+
+def write_volume(path, volume: Volume) -> None:
+    with atomic_h5(path) as handle:
+        _stamp(handle, "volume", volume.parameters)
+        handle.attrs["voxel_size_m"] = np.asarray(volume.voxel_size_m)
+        handle.attrs["medium_index"] = volume.medium_index
+        _write_volume_datasets(handle, volume)
+
+
+def write_acquisition(path, acquisition: Acquisition) -> None:
+    with atomic_h5(path) as handle:
+        _stamp(handle, "acquisition", acquisition.parameters)
+        for key, value in acquisition.geometry.to_attributes().items():
+            handle.attrs[key] = value
+        handle.create_dataset("holograms", data=acquisition.holograms, chunks=(1, 1, *acquisition.holograms.shape[2:]),
+                              compression="gzip")
+        handle.create_dataset("background", data=acquisition.background, chunks=(1, 1, *acquisition.background.shape[2:]),
+                              compression="gzip")
+        if acquisition.truth is not None:
+            truth = handle.create_group("truth")
+            truth.attrs["voxel_size_m"] = np.asarray(acquisition.truth.voxel_size_m)
+            truth.attrs["medium_index"] = acquisition.truth.medium_index
+            _write_volume_datasets(truth, acquisition.truth)
+
+
+def file_kind(path) -> str:
+    with h5py.File(path, "r") as handle:
+        return _kind(handle, path)
+
+
+def _kind(handle: h5py.File, path) -> str:
+    kind = handle.attrs.get("kind")
+    if isinstance(kind, bytes):
+        kind = kind.decode()
+    if kind not in KINDS:
+        raise FileFormatError(f"{path}: not a biref_sdk file (attribute 'kind' is {kind!r})")
+    version = int(handle.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise FileFormatError(f"{path}: format_version {version} is newer than this SDK reads ({FORMAT_VERSION})")
+    return kind
+
+
+def _open(path, expected: str) -> h5py.File:
+    handle = h5py.File(path, "r")
+    try:
+        kind = _kind(handle, path)
+    except BaseException:
+        handle.close()
+        raise
+    if kind != expected:
+        handle.close()
+        raise FileFormatError(f"{path}: is a {kind} file, expected a {expected} file")
+    return handle
+
+
+def _parameters(handle) -> dict:
+    raw = handle.attrs.get("parameters", "{}")
+    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+
+def _read_volume_group(group, voxel_size_m, medium_index, parameters=None) -> Volume:
+    return Volume(ne=group["ne"][()], no=group["no"][()], director=group["director"][()],
+                  voxel_size_m=voxel_size_m, medium_index=medium_index, parameters=parameters or {})
+
+
+def read_volume(path) -> Volume:
+    with _open(path, "volume") as handle:
+        return _read_volume_group(handle, handle.attrs["voxel_size_m"], handle.attrs["medium_index"], _parameters(handle))
+
+
+def read_acquisition(path) -> Acquisition:
+    with _open(path, "acquisition") as handle:
+        holograms = handle["holograms"][()]
+        geometry = Geometry.from_attributes(handle.attrs, holograms.shape[2:])
+        truth = None
+        if "truth" in handle:
+            truth = _read_volume_group(handle["truth"], geometry.voxel_size_m, geometry.medium_index)
+        return Acquisition(holograms=holograms, background=handle["background"][()], geometry=geometry,
+                           truth=truth, parameters=_parameters(handle))
+
+
+class DatasetWriter:
+    """Writes a data set file sample by sample (chunked per sample, compressed), atomically."""
+
+    def __init__(self, path, geometry: Geometry, n_samples: int, background: np.ndarray, parameters: dict,
+                 hologram_dtype=np.uint16) -> None:
+        self._context = atomic_h5(path)
+        self._handle = self._context.__enter__()
+        self.n_samples = n_samples
+        self._written = np.zeros(n_samples, dtype=bool)
+        h = self._handle
+        _stamp(h, "dataset", parameters)
+        for key, value in geometry.to_attributes().items():
+            h.attrs[key] = value
+        V, (H, W), (Z, Y, X) = geometry.n_views, geometry.hologram_shape, geometry.volume_shape
+        h.create_dataset("background", data=background, compression="gzip")
+        h.create_dataset("holograms", shape=(n_samples, 2, V, H, W), dtype=hologram_dtype,
+                         chunks=(1, 2, V, H, W), compression="gzip")
+        for name in ("ne", "no"):
+            h.create_dataset(name, shape=(n_samples, Z, Y, X), dtype=np.float32, chunks=(1, Z, Y, X), compression="gzip")
+        h.create_dataset("director", shape=(n_samples, 3, Z, Y, X), dtype=np.float32,
+                         chunks=(1, 3, Z, Y, X), compression="gzip")
+
+    def write(self, index: int, holograms: np.ndarray, truth: Volume) -> None:
+        h = self._handle
+        h["holograms"][index] = holograms
+        h["ne"][index] = truth.ne
+        h["no"][index] = truth.no
+        h["director"][index] = truth.director
+        self._written[index] = True
+
+    def close(self) -> None:
+        if not self._written.all():
+            missing = np.flatnonzero(~self._written)
+            self._context.__exit__(RuntimeError, RuntimeError("incomplete"), None)
+            raise RuntimeError(f"data set incomplete: samples {missing.tolist()[:10]} were never written")
+        self._context.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._context.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Dataset:
+    """Random access to a data set file; opened lazily so it can cross process boundaries
+    (DataLoader workers) without sharing an HDF5 handle."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        with _open(self.path, "dataset") as handle:
+            self.n_samples = int(handle["holograms"].shape[0])
+            self.geometry = Geometry.from_attributes(handle.attrs, handle["holograms"].shape[3:])
+            self.background = handle["background"][()]
+            self.parameters = _parameters(handle)
+        self._handle: h5py.File | None = None
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def _h(self) -> h5py.File:
+        if self._handle is None:
+            self._handle = h5py.File(self.path, "r")
+        return self._handle
+
+    def holograms(self, index: int) -> np.ndarray:
+        return self._h()["holograms"][index]
+
+    def truth(self, index: int) -> Volume:
+        h = self._h()
+        return Volume(ne=h["ne"][index], no=h["no"][index], director=h["director"][index],
+                      voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index)
+
+    def acquisition(self, index: int) -> Acquisition:
+        return Acquisition(holograms=self.holograms(index), background=self.background, geometry=self.geometry,
+                           truth=self.truth(index), parameters={"dataset": self.path, "index": index})
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
