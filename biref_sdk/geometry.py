@@ -42,6 +42,18 @@ def ring_illumination_sines(n_views: int, na_illumination: float, medium_index: 
     return np.concatenate([np.zeros((1, 2)), ring], axis=0)
 
 
+def snap_to_grid(sines: np.ndarray, wavelength_m: float, medium_index: float, pixel_size_m: float,
+                 grid_px: int) -> np.ndarray:
+    """Move illumination sines to the nearest spatial frequency of a ``grid_px`` FFT grid.
+
+    A tilted plane wave whose frequency is on the grid is periodic over the frame, so the
+    simulated and demodulated fields carry no spectral leakage (scanning-mirror DTT setups choose
+    their angles the same way). The shift is at most half a bin.
+    """
+    scale = medium_index * pixel_size_m / wavelength_m  # sine -> cycles per pixel
+    return np.round(np.asarray(sines) * scale * grid_px) / grid_px / scale
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Everything about the instrument that a hologram needs to be understood.
@@ -192,8 +204,12 @@ def _preset(hologram_px: int, volume_shape, voxel_size_m) -> Geometry:
         medium_index=medium_index,
         na_objective=1.2,
         pixel_size_m=50e-9,
-        illumination_sines=ring_illumination_sines(37, na_illumination=1.0, medium_index=medium_index),
-        reference_carriers=((0.35, 0.12), (-0.12, 0.35)),
+        illumination_sines=snap_to_grid(
+            ring_illumination_sines(37, na_illumination=1.0, medium_index=medium_index),
+            wavelength_m=532e-9, medium_index=medium_index, pixel_size_m=50e-9, grid_px=128),
+        # on the 1/128-cycle grid shared by both presets, so frames stay periodic and demodulation
+        # has no leakage: (45, 15)/128 and (-15, 45)/128 cycles per pixel
+        reference_carriers=((45 / 128, 15 / 128), (-15 / 128, 45 / 128)),
         hologram_shape=(hologram_px, hologram_px),
         volume_shape=volume_shape,
         voxel_size_m=voxel_size_m,

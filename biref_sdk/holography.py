@@ -1,0 +1,89 @@
+"""The hologram model of docs/formats.md (a camera frame from two multiplexed references) and
+its inverse, off-axis demodulation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .geometry import Geometry
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """Reference strength and a CMOS camera: photo-electrons, read noise, gain and an ADC.
+
+    With the defaults a unit-intensity illumination plus both references (mean intensity 3)
+    collects 6000 e-, a shot-noise SNR near 80, well inside the 20 ke- full well.
+    """
+
+    reference_amplitude: float = 1.0
+    electrons_per_unit_intensity: float = 2000.0
+    read_noise_e: float = 2.5
+    gain_e_per_adu: float = 5.0
+    offset_adu: float = 100.0
+    bit_depth: int = 12
+    noise: bool = True
+
+
+def reference_waves(geometry: Geometry, amplitude: float = 1.0, device="cpu") -> torch.Tensor:
+    """a exp(i 2 pi (f_x j + f_y i)) for both references, complex64[2, H, W]."""
+    H, W = geometry.hologram_shape
+    i = torch.arange(H, dtype=torch.float64, device=device)[:, None]
+    j = torch.arange(W, dtype=torch.float64, device=device)[None, :]
+    c = torch.as_tensor(geometry.carriers, dtype=torch.float64, device=device)
+    phase = 2 * math.pi * (c[:, 0, None, None] * j + c[:, 1, None, None] * i)
+    return (amplitude * torch.exp(1j * phase)).to(torch.complex64)
+
+
+def intensity(fields: torch.Tensor, geometry: Geometry, reference_amplitude: float = 1.0) -> torch.Tensor:
+    """Noise-free frames float32[..., H, W] of fields complex[..., 2(x, y), H, W]."""
+    ref = reference_waves(geometry, reference_amplitude, fields.device)
+    return ((fields + ref) .abs() ** 2).sum(-3).to(torch.float32)
+
+
+def expose(frames: torch.Tensor, camera: CameraConfig, generator: torch.Generator | None = None) -> np.ndarray:
+    """Camera read-out of intensity frames: shot noise, read noise, gain, offset and an ADC.
+    Returns uint16 counts (ADU)."""
+    electrons = frames.double() * camera.electrons_per_unit_intensity
+    if camera.noise:
+        electrons = torch.poisson(electrons.clamp(min=0), generator=generator)
+        electrons = electrons + camera.read_noise_e * torch.randn(electrons.shape, generator=generator,
+                                                                   dtype=electrons.dtype, device=electrons.device)
+    counts = torch.round(electrons / camera.gain_e_per_adu + camera.offset_adu)
+    counts = counts.clamp(0, 2**camera.bit_depth - 1)
+    return counts.cpu().numpy().astype(np.uint16)
+
+
+class Demodulator:
+    """Off-axis demodulation of frames [..., H, W] into the fields [..., 2(x, y), H, W].
+
+    The field E_q sits in the sideband at minus carrier q (docs/formats.md): multiplying the frame
+    by exp(+i 2 pi c_q . (j, i)) moves it to zero frequency, where the objective pupil (radius
+    NA/wavelength) crops it. The result is ``a E`` in camera units; dividing by the demodulated
+    background removes ``a`` and the camera gain.
+    """
+
+    def __init__(self, geometry: Geometry, device="cpu") -> None:
+        self.geometry = geometry
+        H, W = geometry.hologram_shape
+        self._shift = reference_waves(geometry, 1.0, device)  # exp(+i 2 pi c.(j, i))
+        fy = torch.fft.fftfreq(H, dtype=torch.float64, device=device)[:, None]
+        fx = torch.fft.fftfreq(W, dtype=torch.float64, device=device)[None, :]
+        self._pupil = ((fx**2 + fy**2) <= geometry.pupil_radius_cycles_per_pixel**2).to(torch.complex64)
+
+    def __call__(self, frames) -> torch.Tensor:
+        frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
+        frames = frames.to(device=self._shift.device, dtype=torch.float32)
+        if tuple(frames.shape[-2:]) != self.geometry.hologram_shape:
+            raise ValueError(f"frames of shape {tuple(frames.shape[-2:])} do not match the geometry's "
+                             f"{self.geometry.hologram_shape}")
+        shifted = frames[..., None, :, :] * self._shift
+        return torch.fft.ifft2(torch.fft.fft2(shifted) * self._pupil)
+
+
+def demodulate(holograms, geometry: Geometry, device="cpu") -> torch.Tensor:
+    """Fields ``a E`` complex64[..., 2(x, y), H, W] from frames [..., H, W]; see ``Demodulator``."""
+    return Demodulator(geometry, device)(holograms)

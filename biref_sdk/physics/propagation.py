@@ -1,0 +1,222 @@
+"""Vectorial multi-slice propagation of tilted plane waves through an anisotropic sample.
+
+Model (first order in the index contrast, exact in free propagation):
+
+* The field of view ``v`` is carried as an envelope ``A`` with ``E = A exp(i k_in . r)`` on the
+  camera grid, in an orthonormal basis (u1, u2) perpendicular to ``k_in``: ``u1`` is x^ projected
+  perpendicular to ``k_in``, ``u2 = k^ x u1``. The transverse components follow from
+  ``(E_x, E_y) = T (A_1, A_2)`` with ``T = [[u1_x, u2_x], [u1_y, u2_y]]``.
+* Each voxel slice of thickness ``dz`` is a thin Jones screen: the tensor projected on the
+  polarization plane, ``eps_perp = U^T eps U`` (U = [u1 u2]), has principal indices ``n_+-``,
+  and the screen is ``J = expm(i k0 dz / s_z (sqrtm(eps_perp) - n_m I))`` (``s_z = k^_z``, the
+  obliquity of the path). For a uniform slab at normal incidence this is exactly the Jones
+  calculus of a retarder; the screen is unitary for a lossless (real) tensor.
+* Between screens the envelope is propagated in the medium by the exact angular spectrum,
+  ``exp(i (k_z(k_T + k_in,T) - k_in,z) dz)``; evanescent components are dropped.
+* After the last slice the field is propagated back to the focal plane ``z = 0`` (the microscope
+  images that plane) and band-limited to the objective pupil ``|k_T| <= k0 NA``.
+
+Polarization coupling by the tensor, the tilt of every view and diffraction are in; reflections
+and the change of polarization basis of strongly scattered waves are not (both second order).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..geometry import Geometry
+
+
+def polarization_basis(geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(k_hat, u1, u2) float[V, 3]: illumination directions and the orthonormal polarization basis."""
+    k_hat = geometry.illumination_directions()
+    u1 = geometry.input_polarizations()[0]
+    u2 = np.cross(k_hat, u1)
+    return k_hat, u1, u2
+
+
+def input_coefficients(geometry: Geometry) -> np.ndarray:
+    """float[2(pol), V, 2]: each input polarization in the (u1, u2) basis."""
+    _, u1, u2 = polarization_basis(geometry)
+    pol = geometry.input_polarizations()
+    return np.stack([np.stack([np.sum(pol[p] * u1, 1), np.sum(pol[p] * u2, 1)], 1) for p in range(2)])
+
+
+def transverse_matrix(geometry: Geometry) -> np.ndarray:
+    """T float[V, 2, 2] mapping (u1, u2) coefficients to (x, y) field components."""
+    _, u1, u2 = polarization_basis(geometry)
+    return np.stack([np.stack([u1[:, 0], u2[:, 0]], 1), np.stack([u1[:, 1], u2[:, 1]], 1)], 1)
+
+
+def _quadratic_form_coefficients(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """c[V, 6] such that a^T eps b = c . eps6 for symmetric eps in (xx, yy, zz, xy, xz, yz) order."""
+    return np.stack([a[:, 0] * b[:, 0], a[:, 1] * b[:, 1], a[:, 2] * b[:, 2],
+                     a[:, 0] * b[:, 1] + a[:, 1] * b[:, 0], a[:, 0] * b[:, 2] + a[:, 2] * b[:, 0],
+                     a[:, 1] * b[:, 2] + a[:, 2] * b[:, 1]], axis=1)
+
+
+class MultiSlice:
+    """Propagates both input polarizations of every view through a tensor sample in one batch.
+
+    ``transmit(eps6, voxel_size_m)`` returns the focal-plane fields complex[2(pol), V, 2(x, y), H, W],
+    normalised to a unit-amplitude illumination.
+    """
+
+    def __init__(self, geometry: Geometry, device: str | torch.device = "cpu", substeps: int = 1,
+                 dtype: torch.dtype = torch.complex64) -> None:
+        if substeps < 1:
+            raise ValueError("substeps must be >= 1")
+        self.geometry = geometry
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.real_dtype = torch.float32 if dtype == torch.complex64 else torch.float64
+        self.substeps = substeps
+        g = geometry
+        H, W = g.hologram_shape
+        k_hat, u1, u2 = polarization_basis(g)
+        self._s_z = torch.as_tensor(k_hat[:, 2], dtype=self.real_dtype, device=self.device)
+        coeff = np.concatenate([_quadratic_form_coefficients(u1, u1), _quadratic_form_coefficients(u1, u2),
+                                _quadratic_form_coefficients(u2, u2)])  # [3V, 6]
+        self._form = torch.as_tensor(coeff, dtype=self.real_dtype, device=self.device)
+        self._input = torch.as_tensor(input_coefficients(g), dtype=dtype, device=self.device)  # [2, V, 2]
+        self._T = torch.as_tensor(transverse_matrix(g), dtype=dtype, device=self.device)  # [V, 2, 2]
+
+        # transverse wavevectors of the grid (rad/m), and of each illumination
+        fy = torch.fft.fftfreq(H, d=g.pixel_size_m, dtype=torch.float64) * 2 * math.pi
+        fx = torch.fft.fftfreq(W, d=g.pixel_size_m, dtype=torch.float64) * 2 * math.pi
+        k_in = torch.as_tensor(k_hat, dtype=torch.float64) * g.k_medium_per_m
+        self._ky = fy[None, :, None] + k_in[:, 1, None, None]
+        self._kx = fx[None, None, :] + k_in[:, 0, None, None]
+        self._kz_in = k_in[:, 2, None, None]
+        kt2 = self._kx**2 + self._ky**2
+        self._propagating = kt2 < g.k_medium_per_m**2
+        self._kz = torch.sqrt(torch.clamp(g.k_medium_per_m**2 - kt2, min=0.0))
+        self._pupil = kt2 <= (g.k0_per_m * g.na_objective) ** 2
+        self._kernels: dict[float, torch.Tensor] = {}
+
+        y, x = g.hologram_coordinates_m()
+        phase = (k_in[:, 0, None, None] * torch.as_tensor(x)[None, None, :]
+                 + k_in[:, 1, None, None] * torch.as_tensor(y)[None, :, None])
+        self._carrier = torch.exp(1j * phase).to(dtype=dtype, device=self.device)  # [V, H, W]
+
+    def _kernel(self, distance_m: float) -> torch.Tensor:
+        """Angular-spectrum propagator of the envelope over ``distance_m`` [V, H, W], cached."""
+        key = round(distance_m * 1e15)  # femtometre key: equal distances reuse one kernel
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            phase = (self._kz - self._kz_in) * distance_m
+            kernel = torch.where(self._propagating, torch.exp(1j * phase), torch.zeros((), dtype=torch.complex128))
+            kernel = kernel.to(dtype=self.dtype, device=self.device)
+            if len(self._kernels) < 8:
+                self._kernels[key] = kernel
+        return kernel
+
+    def _propagate(self, field: torch.Tensor, distance_m: float, pupil: bool = False) -> torch.Tensor:
+        kernel = self._kernel(distance_m)
+        if pupil:
+            kernel = kernel * self._pupil.to(self.device)
+        return torch.fft.ifft2(torch.fft.fft2(field) * kernel[:, None])  # broadcast over components
+
+    def _screen(self, eps6_slice: torch.Tensor, thickness_m: float) -> torch.Tensor:
+        """Jones screens [V, 2, 2, h, w] of one tensor slice [6, h, w] in each view's (u1, u2) basis."""
+        V = self.geometry.n_views
+        h, w = eps6_slice.shape[1:]
+        forms = (self._form @ eps6_slice.reshape(6, -1).to(self.real_dtype)).reshape(3, V, h, w)
+        a, b, c = forms  # u1.eps.u1, u1.eps.u2, u2.eps.u2
+        mean = 0.5 * (a + c)
+        half_diff = 0.5 * (a - c)
+        rho = torch.sqrt(half_diff**2 + b**2)
+        n_plus = torch.sqrt(mean + rho)
+        n_minus = torch.sqrt(torch.clamp(mean - rho, min=0.0))
+        scale = (self.geometry.k0_per_m * thickness_m / self._s_z)[:, None, None]
+        mean_phase = scale * (0.5 * (n_plus + n_minus) - self.geometry.medium_index)
+        half_retardance = scale * 0.5 * (n_plus - n_minus)
+        # sin(half_retardance)/rho without 0/0: half_retardance/rho = scale/(n_plus + n_minus)
+        sin_over_rho = torch.sinc(half_retardance / math.pi) * scale / (n_plus + n_minus)
+        common = torch.exp(1j * mean_phase.to(torch.float64)).to(self.dtype)
+        cos = torch.cos(half_retardance)
+        j00 = common * torch.complex(cos, sin_over_rho * half_diff)
+        j11 = common * torch.complex(cos, -sin_over_rho * half_diff)
+        j01 = common * torch.complex(torch.zeros_like(b), sin_over_rho * b)
+        return torch.stack([torch.stack([j00, j01], 1), torch.stack([j01, j11], 1)], 1)
+
+    def _embed(self, eps6: torch.Tensor, voxel_size_m) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The sample's lateral grid on the camera grid: (eps6 [6, Z, h, w], (row0, col0) offset)."""
+        g = self.geometry
+        H, W = g.hologram_shape
+        _, dy, dx = voxel_size_m
+        Z, Y, X = eps6.shape[1:]
+        same_pitch = math.isclose(dy, g.pixel_size_m, rel_tol=1e-6) and math.isclose(dx, g.pixel_size_m, rel_tol=1e-6)
+        if same_pitch and (H - Y) % 2 == 0 and (W - X) % 2 == 0:
+            if Y > H or X > W:
+                raise ValueError(f"volume {Y}x{X} larger than the {H}x{W} camera grid")
+            return eps6, ((H - Y) // 2, (W - X) // 2)
+        # other pitch: resample each slice onto the camera pixels covering the volume
+        y_cam, x_cam = g.hologram_coordinates_m()
+        half_y, half_x = Y * dy / 2, X * dx / 2
+        rows = np.flatnonzero(np.abs(y_cam + 0.0) < half_y)
+        cols = np.flatnonzero(np.abs(x_cam + 0.0) < half_x)
+        if rows.size == 0 or cols.size == 0 or half_y > H * g.pixel_size_m / 2 + 1e-12 or half_x > W * g.pixel_size_m / 2 + 1e-12:
+            raise ValueError("the volume does not fit in the camera field of view")
+        # normalised coordinates of voxel centres for grid_sample (align_corners=False convention)
+        gy = torch.as_tensor(y_cam[rows] / half_y, dtype=torch.float32)
+        gx = torch.as_tensor(x_cam[cols] / half_x, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)  # (x, y) order
+        grid = grid[None].expand(Z, -1, -1, -1)
+        resampled = torch.nn.functional.grid_sample(eps6.permute(1, 0, 2, 3).float(), grid, mode="bilinear",
+                                                    padding_mode="border", align_corners=False)
+        return resampled.permute(1, 0, 2, 3).contiguous(), (int(rows[0]), int(cols[0]))
+
+    @torch.no_grad()
+    def transmit(self, eps6: torch.Tensor, voxel_size_m=None) -> torch.Tensor:
+        """Focal-plane fields complex[2(pol), V, 2(x, y), H, W] of the sample ``eps6`` [6, Z, Y, X]."""
+        g = self.geometry
+        voxel_size_m = tuple(voxel_size_m or g.voxel_size_m)
+        eps6 = torch.as_tensor(eps6, dtype=torch.float32)
+        if eps6.ndim != 4 or eps6.shape[0] != 6:
+            raise ValueError(f"eps6 must be [6, Z, Y, X], got {tuple(eps6.shape)}")
+        dz = voxel_size_m[0]
+        embedded, (r0, c0) = self._embed(eps6, voxel_size_m)
+        embedded = embedded.to(self.device)
+        Z, h, w = embedded.shape[1:]
+        H, W = g.hologram_shape
+        V = g.n_views
+        medium = g.medium_index**2
+        deviation = (embedded[:3] - medium).abs().amax(0) + embedded[3:].abs().amax(0)  # [Z, h, w]
+        active = deviation > 1e-7
+
+        # both inputs of every view, as (u1, u2) envelopes: [2(pol), V, 2, H, W]
+        field = self._input[:, :, :, None, None].expand(2, V, 2, H, W).contiguous()
+        z_centres = (torch.arange(Z, dtype=torch.float64) - Z / 2) * dz
+        sub_dz = dz / self.substeps
+        position = float(z_centres[0]) - dz / 2 + sub_dz / 2  # the first thin screen
+        current = position  # the plane the envelope refers to (uniform before the sample)
+        for k in range(Z):
+            rows = torch.nonzero(active[k].any(1)).flatten()
+            if rows.numel() == 0:
+                position += dz
+                continue
+            cols = torch.nonzero(active[k].any(0)).flatten()
+            ya, yb, xa, xb = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+            screen = self._screen(embedded[:, k, ya:yb, xa:xb], sub_dz)  # [V, 2, 2, h', w']
+            window = (slice(None), slice(None), slice(None), slice(r0 + ya, r0 + yb), slice(c0 + xa, c0 + xb))
+            for _ in range(self.substeps):
+                if position != current:
+                    field = self._propagate(field, position - current)
+                    current = position
+                patch = field[window]
+                field[window] = torch.einsum("vijyx,pvjyx->pviyx", screen, patch)
+                position += sub_dz
+        # image the focal plane z = 0 through the objective pupil
+        field = self._propagate(field, 0.0 - current, pupil=True)
+        # (u1, u2) envelopes -> (x, y) components, times the illumination's plane wave
+        return torch.einsum("vij,pvjyx->pviyx", self._T, field) * self._carrier[None, :, None]
+
+    def illumination(self) -> torch.Tensor:
+        """The fields with no sample, complex[2(pol), V, 2(x, y), H, W]: each input polarization's
+        transverse components times exp(i k_in . r)."""
+        g = self.geometry
+        xy = torch.einsum("vij,pvj->pvi", self._T, self._input)  # [2, V, 2]
+        return xy[..., None, None] * self._carrier[None, :, None]

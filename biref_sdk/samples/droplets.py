@@ -1,0 +1,123 @@
+"""Nematic liquid-crystal droplets: director configurations and random samples.
+
+Each configuration is a closed-form director field in the droplet's own frame, whose z' axis is
+``Droplet.axis`` (the bipolar axis, the twist axis, the uniform director, the preradial offset).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+CONFIGURATIONS = ("bipolar", "radial", "twisted_bipolar", "preradial", "uniform")
+
+
+@dataclass(frozen=True)
+class Droplet:
+    """One droplet. Lengths in metres, centre in (x, y, z) relative to the volume centre."""
+
+    center_m: tuple[float, float, float]
+    radius_m: float
+    axis: tuple[float, float, float]
+    configuration: str
+    ne: float
+    no: float
+    twist_rad: float = 0.0       # twisted bipolar: twist angle reached at the droplet's rim
+    defect_offset: float = 0.0   # preradial: hedgehog displaced along the axis, in radii
+
+    def __post_init__(self) -> None:
+        if self.configuration not in CONFIGURATIONS:
+            raise ValueError(f"unknown director configuration {self.configuration!r}; one of {CONFIGURATIONS}")
+        if self.radius_m <= 0:
+            raise ValueError("radius_m must be positive")
+        if not self.ne >= self.no:
+            raise ValueError(f"ne ({self.ne}) must be >= no ({self.no})")
+        axis = np.asarray(self.axis, dtype=float)
+        object.__setattr__(self, "axis", tuple(float(v) for v in axis / np.linalg.norm(axis)))
+
+
+def _frame(axis: np.ndarray) -> np.ndarray:
+    """Rows (e1, e2, axis): a right-handed orthonormal frame whose third vector is ``axis``."""
+    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(helper, axis)
+    e1 /= np.linalg.norm(e1)
+    return np.stack([e1, np.cross(axis, e1), axis])
+
+
+def director_field(droplet: Droplet, points_m: torch.Tensor) -> torch.Tensor:
+    """Unit director [..., 3] at ``points_m`` [..., 3] (x, y, z in metres, volume frame)."""
+    frame = torch.as_tensor(_frame(np.asarray(droplet.axis)), dtype=points_m.dtype, device=points_m.device)
+    center = torch.as_tensor(droplet.center_m, dtype=points_m.dtype, device=points_m.device)
+    local = (points_m - center) @ frame.T  # (x', y', z') in the droplet frame
+    x, y, z = local.unbind(-1)
+    radius = droplet.radius_m
+    rho = torch.sqrt(x * x + y * y)
+    safe_rho = torch.clamp(rho, min=1e-12 * radius)
+    rho_hat = torch.stack([x / safe_rho, y / safe_rho, torch.zeros_like(x)], -1)
+    phi_hat = torch.stack([-y / safe_rho, x / safe_rho, torch.zeros_like(x)], -1)
+    z_hat = torch.zeros_like(local)
+    z_hat[..., 2] = 1.0
+
+    config = droplet.configuration
+    if config == "uniform":
+        d = z_hat
+    elif config == "radial":
+        d = local
+    elif config == "preradial":
+        d = local - torch.as_tensor([0.0, 0.0, droplet.defect_offset * radius], dtype=local.dtype, device=local.device)
+    else:
+        # Bipolar: field lines are circular arcs through both poles (0, 0, +-R); the tangent of the
+        # arc through (rho, z) is proportional to (-2 rho z, R^2 + rho^2 - z^2) in (rho^, z^).
+        d = (-2.0 * rho * z)[..., None] * rho_hat + (radius**2 + rho**2 - z**2)[..., None] * z_hat
+        if config == "twisted_bipolar":
+            d = d / torch.clamp(torch.linalg.vector_norm(d, dim=-1, keepdim=True), min=1e-30)
+            twist = droplet.twist_rad * torch.clamp(rho / radius, max=1.0)
+            d = torch.cos(twist)[..., None] * d + torch.sin(twist)[..., None] * phi_hat
+    d_global = d @ frame  # back to the volume frame
+    norm = torch.linalg.vector_norm(d_global, dim=-1, keepdim=True)
+    # the defect points themselves (centre of radial, poles) have no director: pick the axis there
+    axis = frame[2].expand_as(d_global)
+    return torch.where(norm > 1e-12 * radius**2, d_global / torch.clamp(norm, min=1e-30), axis)
+
+
+@dataclass(frozen=True)
+class DropletDistribution:
+    """How random samples are drawn. Radii are fractions of the volume's smallest half-extent."""
+
+    min_droplets: int = 1
+    max_droplets: int = 1
+    radius_fraction: tuple[float, float] = (0.4, 0.8)
+    configurations: tuple[str, ...] = CONFIGURATIONS
+    no_minus_medium: tuple[float, float] = (0.003, 0.012)
+    ne_range: tuple[float, float] = (1.556, 1.570)
+    min_birefringence: float = 0.008
+    twist_rad: tuple[float, float] = (0.5, 1.6)
+    defect_offset: tuple[float, float] = (0.3, 0.7)
+
+
+def random_droplets(rng: np.random.Generator, volume_extent_m, medium_index: float,
+                    distribution: DropletDistribution = DropletDistribution()) -> list[Droplet]:
+    """Draw non-overlapping droplets that lie wholly inside a box of ``volume_extent_m`` (z, y, x)."""
+    half = np.asarray(volume_extent_m, dtype=float)[::-1] / 2  # (x, y, z)
+    n = int(rng.integers(distribution.min_droplets, distribution.max_droplets + 1))
+    # several droplets share the box: shrink them so that they fit side by side
+    shrink = 1.0 / np.cbrt(n)
+    droplets: list[Droplet] = []
+    for _ in range(200 * n):
+        if len(droplets) == n:
+            break
+        radius = rng.uniform(*distribution.radius_fraction) * half.min() * shrink
+        center = rng.uniform(-(half - radius), half - radius)
+        if any(np.linalg.norm(center - d.center_m) < radius + d.radius_m + 1e-9 for d in droplets):
+            continue
+        axis = rng.normal(size=3)
+        no = medium_index + rng.uniform(*distribution.no_minus_medium)
+        ne = rng.uniform(max(distribution.ne_range[0], no + distribution.min_birefringence), distribution.ne_range[1])
+        droplets.append(Droplet(center_m=tuple(center), radius_m=float(radius), axis=tuple(axis / np.linalg.norm(axis)),
+                                configuration=str(rng.choice(distribution.configurations)), ne=float(ne), no=float(no),
+                                twist_rad=float(rng.uniform(*distribution.twist_rad)),
+                                defect_offset=float(rng.uniform(*distribution.defect_offset))))
+    if len(droplets) < n:
+        raise ValueError(f"could not place {n} droplets without overlap in the volume")
+    return droplets
