@@ -19,9 +19,10 @@ MEDIUM = 1.54
 K0 = 2 * math.pi / WAVELENGTH_M
 
 
-def make_geometry(n_px=32, volume=(8, 32, 32), voxel=(100e-9, 50e-9, 50e-9), sines=((0.0, 0.0),), na=1.2):
+def make_geometry(n_px=32, volume=(8, 32, 32), voxel=(100e-9, 50e-9, 50e-9), sines=((0.0, 0.0),), na=1.2,
+                  carriers=((45 / 128, 15 / 128), (-15 / 128, 45 / 128))):
     return Geometry(wavelength_m=WAVELENGTH_M, medium_index=MEDIUM, na_objective=na, pixel_size_m=50e-9,
-                    illumination_sines=sines, reference_carriers=((45 / 128, 15 / 128), (-15 / 128, 45 / 128)),
+                    illumination_sines=sines, reference_carriers=carriers,
                     hologram_shape=(n_px, n_px), volume_shape=volume, voxel_size_m=voxel)
 
 
@@ -105,7 +106,8 @@ def test_weak_sphere_matches_born_closed_form():
 def test_energy_is_conserved_in_a_lossless_sample():
     """With an objective that collects all propagating light, a lossless droplet sample neither
     creates nor destroys power; the on-axis view's (x, y) basis is the propagation basis."""
-    geometry = make_geometry(n_px=64, volume=(16, 48, 48), na=MEDIUM - 1e-3)
+    # carriers far out, so that the near-medium NA still leaves room for the sidebands
+    geometry = make_geometry(n_px=64, volume=(16, 48, 48), na=MEDIUM - 1e-3, carriers=((0.35, 0.3), (-0.3, 0.35)))
     droplet = Droplet(center_m=(0, 0, 0), radius_m=1.0e-6, axis=(1, 1, 1), configuration="bipolar", ne=1.57, no=1.55)
     from biref_sdk.samples import droplet_sample
 
@@ -169,19 +171,20 @@ def test_hologram_round_trip_returns_the_field():
 
 
 def test_camera_noise_is_shot_noise_limited():
-    """Demodulated noisy fields, normalised by a noisy background, scatter by about the shot-noise
-    estimate: sigma_E ~ sqrt(N_pupil / N_px) * sqrt(<I> e-) / (2 a e-_per_unit) relative to |E|."""
+    """Demodulated noisy fields scatter as shot noise predicts: a frame's white noise of variance
+    <I>/e (intensity units, e photo-electrons per unit intensity) keeps the pupil's fraction
+    f = pi r^2 of its power in the sideband, so |E| fluctuates by sqrt(f <I> / (2 e)) per draw,
+    and the ratio of two independent draws by sqrt(f <I> / e) / |E|."""
     geometry = preset("small")
     camera = CameraConfig()
     simulator = Simulator(geometry, SimulationConfig(camera=camera))
-    truth = simulator.background_fields()[:, :4]
+    truth = simulator.background_fields()[:1, :4]  # x-polarized input, four views
     frames = np.stack([expose(intensity(truth, geometry), camera, torch.Generator().manual_seed(s)) for s in (1, 2)])
     fields = demodulate(frames.astype(np.float32), geometry)
-    relative = (fields[0] / fields[1])[:, :, 0]  # co-polarized component, two noise draws
-    spread = float(torch.std(relative.abs()))
-    H, W = geometry.hologram_shape
+    relative = (fields[0] / fields[1])[0, :, 0]  # x in, x out: the co-polarized field, two noise draws
+    spread = torch.std(relative.abs(), dim=(-2, -1)).numpy()
     pupil_fraction = math.pi * geometry.pupil_radius_cycles_per_pixel**2
-    electrons = 3.0 * camera.electrons_per_unit_intensity
-    expected = math.sqrt(2) * math.sqrt(pupil_fraction * electrons) / (2 * camera.electrons_per_unit_intensity)
-    expected /= math.sqrt(2)  # magnitude fluctuation takes half of the complex noise power
-    assert 0.5 * expected < spread < 2.0 * expected, (spread, expected)
+    mean_intensity = float(intensity(truth, geometry).mean())
+    amplitude = truth[0, :, 0].abs().mean(dim=(-2, -1)).numpy()
+    expected = np.sqrt(pupil_fraction * mean_intensity / camera.electrons_per_unit_intensity) / amplitude
+    np.testing.assert_allclose(spread, expected, rtol=0.25)

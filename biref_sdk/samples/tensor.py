@@ -52,7 +52,7 @@ def principal_indices(eps6: torch.Tensor, isotropic_tol: float = 1e-9):
 
 def voxel_centres_m(volume_shape, voxel_size_m) -> list[torch.Tensor]:
     """Voxel-centre coordinates (z, y, x) in metres, z = 0 at the volume centre."""
-    return [(torch.arange(n, dtype=torch.float64) - n / 2) * d for n, d in zip(volume_shape, voxel_size_m)]
+    return [(torch.arange(n, dtype=torch.float32) - n / 2) * d for n, d in zip(volume_shape, voxel_size_m)]
 
 
 def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, medium_index: float,
@@ -67,7 +67,7 @@ def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, mediu
     eps6 = torch.zeros(6, *shape, dtype=torch.float32)
     eps6[:3] = medium_index**2
     centres = voxel_centres_m(shape, voxel_size_m)
-    offsets = (torch.arange(supersample, dtype=torch.float64) + 0.5) / supersample - 0.5
+    offsets = (torch.arange(supersample, dtype=torch.float32) + 0.5) / supersample - 0.5
     for droplet in droplets:
         c_xyz = droplet.center_m
         lo_hi = []
@@ -83,16 +83,16 @@ def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, mediu
                for coords, (a, b), d in zip(centres, lo_hi, voxel_size_m)]
         zz, yy, xx = torch.meshgrid(*sub, indexing="ij")
         points = torch.stack([xx, yy, zz], -1)
-        radius2 = ((points - torch.as_tensor(c_xyz, dtype=torch.float64)) ** 2).sum(-1)
-        inside = (radius2 <= droplet.radius_m**2).to(torch.float64)
+        radius2 = ((points - torch.as_tensor(c_xyz, dtype=torch.float32)) ** 2).sum(-1)
+        inside = (radius2 <= droplet.radius_m**2).to(torch.float32)
         director = director_field(droplet, points).permute(3, 0, 1, 2)
-        lc = uniaxial_eps6(torch.tensor(droplet.ne), torch.tensor(droplet.no), director).double()
+        lc = uniaxial_eps6(torch.tensor(droplet.ne), torch.tensor(droplet.no), director)
         lc[:3] -= medium_index**2  # contribution relative to the medium
         contrib = lc * inside
         s = supersample
         box = (z1 - z0, y1 - y0, x1 - x0)
         contrib = contrib.reshape(6, box[0], s, box[1], s, box[2], s).mean(dim=(2, 4, 6))
-        eps6[:, z0:z1, y0:y1, x0:x1] += contrib.float()
+        eps6[:, z0:z1, y0:y1, x0:x1] += contrib
     return eps6
 
 

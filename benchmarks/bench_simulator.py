@@ -1,0 +1,76 @@
+"""Seconds per simulated sample (random droplet -> tensor -> fields -> noisy frames) per preset.
+
+    python benchmarks/bench_simulator.py [--presets small paper] [--repeats 5] [--device cpu] [--json out.json]
+
+Prints a table of medians and saves the raw timings as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from biref_sdk.geometry import preset
+from biref_sdk.simulate import Simulator
+
+
+def time_sample(simulator: Simulator, seed: int, device: str) -> dict:
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    sample = simulator.random_sample(np.random.default_rng(seed))
+    sync()
+    t1 = time.perf_counter()
+    frames = simulator.frames(sample, seed)
+    sync()
+    t2 = time.perf_counter()
+    sample.truth()
+    t3 = time.perf_counter()
+    return {"sample_s": t1 - t0, "frames_s": t2 - t1, "truth_s": t3 - t2, "total_s": t3 - t0,
+            "frames_shape": list(frames.shape)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small", "paper"])
+    parser.add_argument("--repeats", type=int, default=5, help="samples per preset (paper: at most 3)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", default="benchmarks/results/simulator.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {"device": args.device, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+               "processor": platform.processor(), "torch": torch.__version__, "presets": {}}
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
+    for name in args.presets:
+        simulator = Simulator(preset(name), device=args.device)
+        time_sample(simulator, 999, args.device)  # warm-up: kernels, allocator, caches
+        repeats = min(args.repeats, 3) if name == "paper" else args.repeats
+        runs = [time_sample(simulator, seed, args.device) for seed in range(repeats)]
+        results["presets"][name] = {"runs": runs, **{f"median_{k}": statistics.median(r[k] for r in runs)
+                                                      for k in ("sample_s", "frames_s", "truth_s", "total_s")}}
+    print(f"device {args.device}, torch threads {results['torch_threads']}")
+    print(f"{'preset':8s} {'n':>3s} {'tensor s':>9s} {'fields+camera s':>16s} {'truth s':>8s} {'total s/sample':>15s}")
+    for name, r in results["presets"].items():
+        print(f"{name:8s} {len(r['runs']):3d} {r['median_sample_s']:9.3f} {r['median_frames_s']:16.3f} "
+              f"{r['median_truth_s']:8.3f} {r['median_total_s']:15.3f}")
+    import pathlib
+
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()
