@@ -10,6 +10,7 @@ import sys
 COMMANDS = (
     "simulate",
     "inspect",
+    "train",
 )
 
 

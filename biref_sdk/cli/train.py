@@ -1,0 +1,55 @@
+"""biref train: train the paper's network on a data set file (offline; resumable; torchrun for DDP)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train the network on a data set file",
+        description="Train the paper's network (Encoder -> 3D ConvGRU -> attention -> Decoder) on a data set "
+                    "file, validating each epoch. Writes OUT/checkpoint.pt, OUT/best.h5, OUT/last.h5, "
+                    "OUT/history.json and OUT/loss_curve.png. Several GPUs or processes: "
+                    "torchrun --nproc_per_node N -m biref_sdk train ...")
+    p.add_argument("--data", required=True, help="training data set file (HDF5, biref simulate)")
+    p.add_argument("--val", required=True, help="validation data set file, same geometry")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--epochs", type=int, default=50, help="total epochs (default 50, the paper's)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=2, help="samples per step and process (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--width", default="small", choices=("tiny", "small", "paper"), help="channel widths")
+    p.add_argument("--window-length", type=int, default=3, help="views averaged into one sequence step")
+    p.add_argument("--input-mode", default="field", choices=("field", "hologram"),
+                   help="field: demodulated, background-normalised fields; hologram: frames / background mean")
+    p.add_argument("--q-weight", type=float, default=0.1, help="weight of the Q-tensor (director) loss")
+    p.add_argument("--limit", type=int, help="use only the first N training samples")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--no-cache", action="store_true", help="do not keep preprocessed inputs in memory")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import TrainConfig, train
+
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr <= 0:
+        raise ValueError("--lr must be positive")
+    config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+                         q_weight=args.q_weight, width=args.width, window_length=args.window_length,
+                         input_mode=args.input_mode, num_workers=args.workers, cache=not args.no_cache,
+                         amp=not args.no_amp, limit=args.limit, threads=args.threads)
+    history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,
+                    progress=not args.no_progress)
+    if history:
+        last = history[-1]["val"]
+        print(f"done: epoch {history[-1]['epoch']}, val PSNR ne {last['psnr_ne']:.2f} dB / no "
+              f"{last['psnr_no']:.2f} dB; model files in {args.out}")
+    return 0

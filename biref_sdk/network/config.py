@@ -1,0 +1,220 @@
+"""Configuration of the paper's network (Encoder -> 3D ConvGRU -> attention -> decoder).
+
+A configuration is a frozen dataclass: everything that fixes the shapes of the network and the
+meaning of its inputs and outputs. It is stored inside every model file, so a model file alone
+says how to feed it. Sizes derive from an acquisition :class:`~biref_sdk.geometry.Geometry`
+through :func:`config_for_geometry`; ``width`` picks the channel counts (``"small"`` for CPUs,
+``"paper"`` for the paper's 192-channel features and 512-channel hidden state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..geometry import Geometry
+
+INPUT_MODES = ("field", "hologram")
+ATTENTION_MODES = ("position", "sequence")
+
+
+def window_layout(n_views: int, window_length: int) -> tuple[int, ...]:
+    """Number of windows used from ``n_views`` views grouped ``window_length`` at a time.
+
+    The paper: views are grouped into windows of ``window_length`` consecutive views (a window
+    mean condenses each); the sequence length is the number of whole windows, and an odd
+    sequence length drops one window. Views beyond the last used window are not used.
+    """
+    if window_length < 1:
+        raise ValueError(f"window_length must be >= 1, got {window_length}")
+    sequence_length = n_views // window_length
+    if sequence_length % 2 == 1:
+        sequence_length -= 1
+    if sequence_length < 1:
+        raise ValueError(f"{n_views} views in windows of {window_length} leave no sequence (need at least 2 windows)")
+    return sequence_length
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Shapes and meaning of the network's inputs and outputs.
+
+    Inputs: each view of each polarization is preprocessed (``input_mode``) into
+    ``channels_per_polarization`` images of ``input_shape`` pixels; the views of window ``s``
+    (views ``s*window_length ... (s+1)*window_length - 1``) are averaged, and the two
+    polarizations are stacked as channels, giving one encoder input
+    ``[2*channels_per_polarization, 1, *input_shape]`` per window (the 3D "layer" axis has size 1,
+    as the paper's 1xHxW feature maps). Outputs: ``ne``, ``no`` in ``[index_min, index_max]`` and
+    five components of the traceless Q-tensor on ``volume_shape``.
+    """
+
+    # acquisition
+    n_views: int
+    hologram_shape: tuple[int, int]
+    volume_shape: tuple[int, int, int]
+    # input grouping and preprocessing
+    window_length: int = 3
+    input_mode: str = "field"
+    # "field": demodulated field resampled (Fourier crop) by this factor; "hologram": 1
+    field_downsample: int = 2
+    # encoder: five down-residual blocks (out channels, (h, w) stride each)
+    encoder_channels: tuple[int, ...] = (16, 24, 32, 48, 64)
+    encoder_strides: tuple[int, ...] = (2, 2, 2, 1, 1)
+    # 3D ConvGRU hidden channels; attention over the sequence
+    hidden_channels: int = 64
+    attention: str = "position"
+    # decoder: three up-residual blocks (out channels, (z, y, x) upsampling factors each)
+    decoder_channels: tuple[int, ...] = (48, 24, 12)
+    decoder_strides: tuple[tuple[int, int, int], ...] = ((2, 2, 2), (4, 2, 2), (4, 2, 2))
+    # the output range of n_e and n_o (the paper: 1.54 - 1.57)
+    index_min: float = 1.54
+    index_max: float = 1.57
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hologram_shape", tuple(int(v) for v in self.hologram_shape))
+        object.__setattr__(self, "volume_shape", tuple(int(v) for v in self.volume_shape))
+        object.__setattr__(self, "encoder_channels", tuple(int(v) for v in self.encoder_channels))
+        object.__setattr__(self, "encoder_strides", tuple(int(v) for v in self.encoder_strides))
+        object.__setattr__(self, "decoder_channels", tuple(int(v) for v in self.decoder_channels))
+        object.__setattr__(self, "decoder_strides",
+                           tuple(tuple(int(s) for s in stride) for stride in self.decoder_strides))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if len(self.encoder_channels) != 5 or len(self.encoder_strides) != 5:
+            raise ValueError("the encoder has five down-residual blocks: give 5 channels and 5 strides")
+        if len(self.decoder_channels) != 3 or len(self.decoder_strides) != 3:
+            raise ValueError("the decoder has three up-residual blocks: give 3 channels and 3 strides")
+        if any(len(s) != 3 for s in self.decoder_strides):
+            raise ValueError("each decoder stride is (z, y, x)")
+        if min(self.encoder_channels + self.decoder_channels + (self.hidden_channels,)) < 1:
+            raise ValueError("channel counts must be positive")
+        if min(self.encoder_strides) < 1 or min(min(s) for s in self.decoder_strides) < 1:
+            raise ValueError("strides must be >= 1")
+        if not self.index_max > self.index_min:
+            raise ValueError(f"index_max {self.index_max} must exceed index_min {self.index_min}")
+        downsample = self.field_downsample if self.input_mode == "field" else 1
+        if downsample < 1 or any(n % downsample for n in self.hologram_shape):
+            raise ValueError(f"hologram shape {self.hologram_shape} is not divisible by field_downsample {downsample}")
+        total = math.prod(self.encoder_strides)
+        if any(n % total for n in self.input_shape):
+            raise ValueError(f"input shape {self.input_shape} is not divisible by the encoder's total stride {total}")
+        window_layout(self.n_views, self.window_length)
+
+    # -- derived shapes ---------------------------------------------------------------------------
+    @property
+    def sequence_length(self) -> int:
+        return window_layout(self.n_views, self.window_length)
+
+    @property
+    def channels_per_polarization(self) -> int:
+        # field: real and imaginary part of the x and y components; hologram: the frame itself
+        return 4 if self.input_mode == "field" else 1
+
+    @property
+    def input_channels(self) -> int:
+        return 2 * self.channels_per_polarization
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        downsample = self.field_downsample if self.input_mode == "field" else 1
+        return (self.hologram_shape[0] // downsample, self.hologram_shape[1] // downsample)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(layer, height, width) of the encoder features and the GRU hidden state."""
+        total = math.prod(self.encoder_strides)
+        return (1, self.input_shape[0] // total, self.input_shape[1] // total)
+
+    @property
+    def decoded_shape(self) -> tuple[int, int, int]:
+        """Shape the decoder blocks produce before the final resize to ``volume_shape``."""
+        shape = list(self.latent_shape)
+        for stride in self.decoder_strides:
+            shape = [n * s for n, s in zip(shape, stride)]
+        return tuple(shape)
+
+    def window_views(self, window: int) -> range:
+        return range(window * self.window_length, (window + 1) * self.window_length)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "NetworkConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown network configuration keys: {sorted(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "NetworkConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# channel widths by name; "paper" follows the paper's 192-channel features / 512-channel hidden state
+WIDTHS = {
+    "small": dict(encoder_channels=(16, 24, 32, 48, 64), hidden_channels=64, decoder_channels=(48, 24, 12)),
+    # the paper's six windows (37 views per polarization in windows of 6)
+    "paper": dict(encoder_channels=(32, 64, 96, 128, 192), hidden_channels=512, decoder_channels=(128, 64, 32),
+                  window_length=6),
+    # for tests: a network of a few thousand parameters
+    "tiny": dict(encoder_channels=(4, 4, 6, 6, 8), hidden_channels=8, decoder_channels=(6, 4, 4)),
+}
+
+
+def _decoder_strides(latent: tuple[int, int, int], volume: tuple[int, int, int]) -> tuple[tuple[int, int, int], ...]:
+    # Per axis, three integer factors whose product covers latent -> volume: the smallest largest
+    # factor first (balanced blocks), then the smallest product (least to trim); larger factors go
+    # to earlier blocks, where the volume is still small; the final resize trims the rest.
+    strides = []
+    for n_in, n_out in zip(latent, volume):
+        best = None
+        for a in range(1, 9):
+            for b in range(1, a + 1):
+                for c in range(1, b + 1):
+                    if n_in * a * b * c >= n_out:
+                        key = (a, a * b * c)
+                        if best is None or key < best[0]:
+                            best = (key, (a, b, c))
+        if best is None:
+            raise ValueError(f"cannot upsample {n_in} to {n_out} in three blocks of factor <= 8")
+        strides.append(best[1])
+    return tuple(tuple(strides[axis][block] for axis in range(3)) for block in range(3))
+
+
+def config_for_geometry(geometry: Geometry, width: str = "small", **overrides) -> NetworkConfig:
+    """A network configuration sized for ``geometry``.
+
+    ``width``: ``"small"``, ``"paper"`` or ``"tiny"``. The ``paper`` width with
+    ``input_mode="hologram"`` on the ``paper`` preset reproduces the paper's shapes (512x512
+    inputs -> 1x16x16x192 features -> 1x16x16x512 hidden state -> 80x332x332 volume).
+    ``overrides`` replace any field.
+    """
+    if width not in WIDTHS:
+        raise ValueError(f"unknown width {width!r}; choose one of {', '.join(WIDTHS)}")
+    values = dict(n_views=geometry.n_views, hologram_shape=geometry.hologram_shape,
+                  volume_shape=geometry.volume_shape, **WIDTHS[width])
+    values.update(overrides)
+    mode = values.get("input_mode", "field")
+    downsample = values.get("field_downsample", 2) if mode == "field" else 1
+    input_shape = [n // downsample for n in geometry.hologram_shape]
+    if "encoder_strides" not in overrides:
+        # halve while the features stay at least 8x8 (paper: 512 -> 16 after five halvings)
+        strides, size = [], min(input_shape)
+        for _ in range(5):
+            if size // 2 >= 8 and size % 2 == 0:
+                strides.append(2)
+                size //= 2
+            else:
+                strides.append(1)
+        values["encoder_strides"] = tuple(strides)
+    if "decoder_strides" not in overrides:
+        total = math.prod(values["encoder_strides"])
+        latent = (1, input_shape[0] // total, input_shape[1] // total)
+        values["decoder_strides"] = _decoder_strides(latent, geometry.volume_shape)
+    return NetworkConfig(**values)

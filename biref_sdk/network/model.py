@@ -1,0 +1,178 @@
+"""The paper's network: Encoder -> 3D ConvGRU -> attention -> Decoder (Fig. 4-8 of the paper).
+
+Tensor layout is PyTorch's ``[batch, channels, layer, height, width]``; the "layer" axis of the
+encoder and GRU feature maps has size 1 (the paper's 1x16x16x192 maps), so their convolutions use
+``(1, 3, 3)`` kernels; the decoder grows that axis into the volume's z axis.
+
+The forward pass is available stage by stage for the streaming runtime:
+
+- :meth:`BirefNet.encode` one window ``[B, C_in, 1, H, W]`` -> features ``[B, C_e, 1, h, w]``;
+- :meth:`BirefNet.gru_step` ``(hidden, features) -> hidden`` ``[B, C_h, 1, h, w]``;
+- :meth:`BirefNet.finalize` all hidden states ``[B, S, C_h, 1, h, w]`` -> ``(ne, no, q)``.
+
+``forward`` is exactly these stages in order. None of the stages has data-dependent Python
+control flow, so each exports to ONNX/TensorRT as one static graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import NetworkConfig
+
+# Orthonormal basis (Frobenius) of the traceless symmetric 3x3 matrices; Q = sum_k q_k B_k.
+_S2, _S6 = 2.0 ** -0.5, 6.0 ** -0.5
+Q_BASIS = torch.tensor([
+    [[_S2, 0, 0], [0, -_S2, 0], [0, 0, 0]],
+    [[-_S6, 0, 0], [0, -_S6, 0], [0, 0, 2 * _S6]],
+    [[0, _S2, 0], [_S2, 0, 0], [0, 0, 0]],
+    [[0, 0, _S2], [0, 0, 0], [_S2, 0, 0]],
+    [[0, 0, 0], [0, 0, _S2], [0, _S2, 0]],
+], dtype=torch.float64)
+
+
+class DownResidualBlock(nn.Module):
+    """BN-ReLU-Conv3D twice (the first strided) plus a strided Conv3D shortcut, added."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        s = (1, stride, stride)
+        self.bn1 = nn.BatchNorm3d(c_in)
+        self.conv1 = nn.Conv3d(c_in, c_out, (1, 3, 3), stride=s, padding=(0, 1, 1), bias=False)
+        self.bn2 = nn.BatchNorm3d(c_out)
+        self.conv2 = nn.Conv3d(c_out, c_out, (1, 3, 3), padding=(0, 1, 1))
+        self.shortcut = nn.Conv3d(c_in, c_out, 1, stride=s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.relu(self.bn1(x)))
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + self.shortcut(x)
+
+
+class UpResidualBlock(nn.Module):
+    """BN-ReLU-ConvTranspose3D (upsampling), then a Conv3D whose output is added to it (skip)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm3d(c_in)
+        self.up = nn.ConvTranspose3d(c_in, c_out, kernel_size=stride, stride=stride)
+        self.bn2 = nn.BatchNorm3d(c_out)
+        self.conv = nn.Conv3d(c_out, c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(F.relu(self.bn1(x)))
+        return y + self.conv(F.relu(self.bn2(y)))
+
+
+class ConvGRU3d(nn.Module):
+    """3D convolutional GRU cell: reset and update gates from the input and the previous state."""
+
+    def __init__(self, c_in: int, c_hidden: int) -> None:
+        super().__init__()
+        self.gates = nn.Conv3d(c_in + c_hidden, 2 * c_hidden, (1, 3, 3), padding=(0, 1, 1))
+        self.candidate = nn.Conv3d(c_in + c_hidden, c_hidden, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        reset, update = torch.sigmoid(self.gates(torch.cat([x, h], dim=1))).chunk(2, dim=1)
+        candidate = torch.tanh(self.candidate(torch.cat([x, reset * h], dim=1)))
+        return (1 - update) * h + update * candidate
+
+
+class SequenceAttention(nn.Module):
+    """Dense layer on each flattened hidden state, tanh, softmax over the sequence, weighted sum.
+
+    ``mode="position"`` scores every position of the feature map (the paper: "weights are
+    calculated for each position"), ``mode="sequence"`` one score per hidden state.
+    """
+
+    def __init__(self, c_hidden: int, latent_shape: tuple[int, int, int], mode: str) -> None:
+        super().__init__()
+        positions = latent_shape[0] * latent_shape[1] * latent_shape[2]
+        self.mode = mode
+        self.dense = nn.Linear(c_hidden * positions, positions if mode == "position" else 1)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        # states [B, S, C, D, H, W] -> context [B, C, D, H, W]
+        b, s, c, d, h, w = states.shape
+        scores = torch.tanh(self.dense(states.reshape(b, s, c * d * h * w)))  # [B, S, P or 1]
+        weights = torch.softmax(scores, dim=1)
+        weights = weights.reshape(b, s, 1, d, h, w) if self.mode == "position" else weights.reshape(b, s, 1, 1, 1, 1)
+        return (weights * states).sum(dim=1)
+
+
+class BirefNet(nn.Module):
+    """Windows of views -> (n_e, n_o, Q-tensor components) on the volume grid."""
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = (config.input_channels,) + config.encoder_channels
+        self.encoder = nn.Sequential(*[DownResidualBlock(channels[i], channels[i + 1], config.encoder_strides[i])
+                                       for i in range(5)])
+        self.gru = ConvGRU3d(config.encoder_channels[-1], config.hidden_channels)
+        self.attention = SequenceAttention(config.hidden_channels, config.latent_shape, config.attention)
+        channels = (config.hidden_channels,) + config.decoder_channels
+        self.decoder = nn.Sequential(*[UpResidualBlock(channels[i], channels[i + 1], config.decoder_strides[i])
+                                       for i in range(3)])
+        self.head_bn = nn.BatchNorm3d(config.decoder_channels[-1])
+        # 2 index channels (n_e, n_o) + 5 Q-tensor components
+        self.head = nn.Conv3d(config.decoder_channels[-1], 7, 1)
+
+    # -- stages -----------------------------------------------------------------------------------
+    def initial_hidden(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch, self.config.hidden_channels, *self.config.latent_shape, device=device, dtype=dtype)
+
+    def encode(self, window: torch.Tensor) -> torch.Tensor:
+        """One window ``[B, C_in, 1, H, W]`` -> features ``[B, C_e, 1, h, w]``."""
+        return self.encoder(window)
+
+    def gru_step(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.gru(hidden, features)
+
+    def finalize(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All hidden states ``[B, S, C_h, 1, h, w]`` -> ``ne``, ``no`` ``[B, Z, Y, X]`` and
+        ``q`` ``[B, 5, Z, Y, X]`` (Q-tensor components in :data:`Q_BASIS`)."""
+        out = self.head(F.relu(self.head_bn(self.decoder(self.attention(states)))))
+        if tuple(out.shape[2:]) != self.config.volume_shape:
+            out = F.interpolate(out, size=self.config.volume_shape, mode="trilinear", align_corners=False)
+        lo, span = self.config.index_min, self.config.index_max - self.config.index_min
+        # n_o in the range, n_e between n_o and the top: n_e >= n_o holds by construction
+        no = lo + span * torch.sigmoid(out[:, 1])
+        ne = no + (self.config.index_max - no) * torch.sigmoid(out[:, 0])
+        return ne, no, out[:, 2:]
+
+    # -- whole forward ---------------------------------------------------------------------------
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``windows`` ``[B, S, C_in, 1, H, W]`` (S = sequence length) -> ``(ne, no, q)``."""
+        b, s = windows.shape[:2]
+        features = self.encode(windows.reshape(b * s, *windows.shape[2:]))
+        features = features.reshape(b, s, *features.shape[1:])
+        hidden = self.initial_hidden(b, windows.device, features.dtype)
+        states = []
+        for t in range(s):  # s is fixed by the configuration, not by the data
+            hidden = self.gru_step(hidden, features[:, t])
+            states.append(hidden)
+        return self.finalize(torch.stack(states, dim=1))
+
+
+def q_from_director(director: torch.Tensor) -> torch.Tensor:
+    """Unit directors ``[..., 3, Z, Y, X]`` -> Q components ``[..., 5, Z, Y, X]`` of d dᵀ - I/3.
+
+    The map is even in d, so the director's arbitrary sign does not matter.
+    """
+    basis = Q_BASIS.to(director.device, director.dtype)
+    outer = director.unsqueeze(-4) * director.unsqueeze(-5)  # [..., 3, 3, Z, Y, X]
+    return torch.einsum("kij,...ijzyx->...kzyx", basis, outer)
+
+
+def director_from_q(q: torch.Tensor) -> torch.Tensor:
+    """Q components ``[5, Z, Y, X]`` -> director ``[3, Z, Y, X]``: the eigenvector of Q with the
+    largest eigenvalue (unit length, sign fixed so the largest-magnitude component is positive)."""
+    basis = Q_BASIS.to(q.device, torch.float64)
+    matrix = torch.einsum("kij,kzyx->zyxij", basis, q.to(torch.float64))
+    _, vectors = torch.linalg.eigh(matrix)
+    d = vectors[..., :, -1]  # [Z, Y, X, 3]
+    sign = torch.sign(torch.gather(d, -1, d.abs().argmax(dim=-1, keepdim=True)))
+    sign[sign == 0] = 1
+    return (d * sign).permute(3, 0, 1, 2).to(torch.float32)

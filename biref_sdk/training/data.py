@@ -1,0 +1,74 @@
+"""A PyTorch Dataset over a data set file (docs/formats.md): network inputs and training targets."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..files import Dataset
+from ..network.config import NetworkConfig
+from ..network.model import q_from_director
+from ..network.preprocess import InputPreprocessor
+
+# voxels whose n_e - n_o is below this are isotropic: their director carries no information
+ISOTROPIC_BIREFRINGENCE = 1e-5
+
+
+def training_targets(ne: np.ndarray, no: np.ndarray, director: np.ndarray) -> dict[str, torch.Tensor]:
+    """Truth volumes -> ``ne``, ``no`` [Z, Y, X] and ``q`` [5, Z, Y, X]: the Q-tensor components of
+    d dᵀ - I/3 inside birefringent voxels, zero in isotropic ones (where no director exists)."""
+    ne_t = torch.as_tensor(np.asarray(ne, dtype=np.float32))
+    no_t = torch.as_tensor(np.asarray(no, dtype=np.float32))
+    anisotropic = (ne_t - no_t) > ISOTROPIC_BIREFRINGENCE
+    q = q_from_director(torch.as_tensor(np.asarray(director, dtype=np.float32))) * anisotropic
+    return {"ne": ne_t, "no": no_t, "q": q}
+
+
+class HologramDataset(torch.utils.data.Dataset):
+    """Sample ``i`` of a data set file as ``{"windows": [S, C_in, 1, H', W'], "ne", "no", "q"}``.
+
+    The preprocessed windows (demodulation is the costly part) are cached in memory as float16
+    after the first epoch when ``cache`` is set; truths are read from the file each time.
+    """
+
+    def __init__(self, path, config: NetworkConfig, cache: bool = True, limit: int | None = None) -> None:
+        self.file = Dataset(path)
+        self.config = config
+        self.geometry = self.file.geometry
+        self._preprocessor: InputPreprocessor | None = None
+        self.length = len(self.file) if limit is None else min(int(limit), len(self.file))
+        if self.length < 1:
+            raise ValueError(f"{path}: no samples to use")
+        self.cache = cache
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def preprocessor(self) -> InputPreprocessor:
+        if self._preprocessor is None:  # built lazily, so the dataset pickles cheaply into workers
+            self._preprocessor = InputPreprocessor(self.config, self.geometry, self.file.background)
+        return self._preprocessor
+
+    def windows(self, index: int) -> torch.Tensor:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached.to(torch.float32)
+        windows = self.preprocessor.acquisition(self.file.holograms(index))
+        if self.cache:
+            self._cache[index] = windows.to(torch.float16)
+        return windows
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        truth = self.file.truth(index)
+        item = training_targets(truth.ne, truth.no, truth.director)
+        item["windows"] = self.windows(index)
+        item["index"] = torch.tensor(index)
+        return item
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_preprocessor"] = None
+        return state
