@@ -14,6 +14,8 @@ from biref_sdk.physics import MultiSlice
 from biref_sdk.samples import Droplet, director_field, sphere_sample, uniform_sample
 from biref_sdk.simulate import SimulationConfig, Simulator
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; no GPU on this machine")])]
 WAVELENGTH_M = 532e-9
 MEDIUM = 1.54
 K0 = 2 * math.pi / WAVELENGTH_M
@@ -26,15 +28,16 @@ def make_geometry(n_px=32, volume=(8, 32, 32), voxel=(100e-9, 50e-9, 50e-9), sin
                     hologram_shape=(n_px, n_px), volume_shape=volume, voxel_size_m=voxel)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("angle_deg", [0.0, 30.0, 45.0, 110.0])
-def test_uniform_slab_matches_jones_calculus(angle_deg):
+def test_uniform_slab_matches_jones_calculus(angle_deg, device):
     """A slab filling the field of view with an in-plane optic axis is a linear retarder:
     J = R diag(exp(i phi_e), exp(i phi_o)) R^T with phi = k0 L (n - n_m)."""
     geometry = make_geometry()
     ne, no = 1.57, 1.545
     psi = math.radians(angle_deg)
     sample = uniform_sample(geometry, ne, no, director=(math.cos(psi), math.sin(psi), 0.0))
-    fields = MultiSlice(geometry).transmit(sample.eps6)  # [2, 1, 2, H, W]
+    fields = MultiSlice(geometry, device=device).transmit(sample.eps6).cpu()  # [2, 1, 2, H, W]
     thickness = geometry.volume_shape[0] * geometry.voxel_size_m[0]
     rotation = np.array([[math.cos(psi), -math.sin(psi)], [math.sin(psi), math.cos(psi)]])
     retarder = np.diag([np.exp(1j * K0 * thickness * (ne - MEDIUM)), np.exp(1j * K0 * thickness * (no - MEDIUM))])
@@ -160,12 +163,13 @@ def test_director_fields_obey_their_anchoring():
     assert abs(float(director_field(bipolar, near_pole)[0] @ torch.as_tensor(axis))) > 0.999
 
 
-def test_hologram_round_trip_returns_the_field():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hologram_round_trip_returns_the_field(device):
     geometry = preset("small")
-    simulator = Simulator(geometry)
+    simulator = Simulator(geometry, device=device)
     fields = simulator.fields(simulator.random_sample(np.random.default_rng(3)))[:, :6]
     amplitude = 1.3
-    recovered = demodulate(intensity(fields, geometry, amplitude), geometry) / amplitude
+    recovered = demodulate(intensity(fields, geometry, amplitude), geometry, device=device) / amplitude
     scale = fields.abs().max()
     assert (recovered - fields).abs().max() / scale < 1e-4
 
