@@ -11,6 +11,9 @@ COMMANDS = (
     "simulate",
     "inspect",
     "train",
+    "serve",
+    "microscope_sim",
+    "demo",
 )
 
 

@@ -1,0 +1,110 @@
+"""biref serve: the streaming service (docs/protocol.md) on ZeroMQ sockets."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="formula", choices=("formula", "model"),
+                   help="reconstruction engine (default formula)")
+    p.add_argument("--model", help="model file for --method model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (model engine)")
+
+
+def make_reconstructor(args: argparse.Namespace):
+    from ..reconstruction import get_reconstructor
+
+    if args.method == "model":
+        if not args.model:
+            raise ValueError("--method model needs --model PATH")
+        return get_reconstructor("model", model=args.model, device=args.device)
+    if args.model:
+        raise ValueError("--model applies only to --method model")
+    return get_reconstructor(args.method)
+
+
+def add_curve_server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-secret-key", type=Path, help="CURVE: this server's .key_secret file "
+                   "(enables authentication and encryption on both sockets)")
+    p.add_argument("--curve-authorized-keys", type=Path, help="CURVE: folder of client public .key files "
+                   "allowed in (default: any CURVE client)")
+
+
+def curve_server(args):
+    from ..streaming.security import CurveServer
+
+    if args.curve_secret_key is None:
+        if args.curve_authorized_keys is not None:
+            raise ValueError("--curve-authorized-keys needs --curve-secret-key")
+        return None
+    return CurveServer(args.curve_secret_key, args.curve_authorized_keys)
+
+
+def register(subparsers) -> None:
+    from ..streaming import DEFAULT_INGEST, DEFAULT_RESULTS
+
+    p = subparsers.add_parser("serve", help="reconstruct acquisitions streamed over ZeroMQ",
+                              description="Receive views on a PULL socket, reconstruct each acquisition as its views "
+                                          "arrive, publish volumes, errors and status on a PUB socket "
+                                          "(docs/protocol.md). Stops on Ctrl-C / SIGTERM.")
+    add_engine_arguments(p)
+    p.add_argument("--ingest", default=DEFAULT_INGEST, help=f"PULL endpoint to bind (default {DEFAULT_INGEST}; "
+                   "port 0 picks a free one)")
+    p.add_argument("--results", default=DEFAULT_RESULTS, help=f"PUB endpoint to bind (default {DEFAULT_RESULTS})")
+    p.add_argument("--save-dir", type=Path, help="also write each volume to DIR/<acquisition_id>.h5")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds without a message before an acquisition "
+                   "is dropped (default 30)")
+    p.add_argument("--partial-on-timeout", action="store_true",
+                   help="on timeout publish a volume from the views present, flagged incomplete, instead of an error")
+    p.add_argument("--max-in-flight", type=int, default=8, help="acquisitions reconstructed at once (default 8)")
+    p.add_argument("--queue-mb", type=float, default=256, help="memory for received, unprocessed frames (default 256)")
+    p.add_argument("--status-interval", type=float, default=1.0, help="seconds between status heartbeats")
+    p.add_argument("--preview-every", type=int, default=0, help="publish a preview volume every N views (0: off)")
+    add_curve_server_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="do not print a line per volume and error")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..streaming.protocol import Limits
+    from ..streaming.server import StreamingServer
+    from ..streaming.service import ServiceConfig
+
+    limits = Limits()
+    queue_bytes = int(args.queue_mb * 1024 * 1024)
+    if queue_bytes < limits.max_frame_bytes:
+        limits = Limits(max_frame_bytes=queue_bytes)
+    config = ServiceConfig(acquisition_timeout_s=args.timeout, partial_on_timeout=args.partial_on_timeout,
+                           max_in_flight=args.max_in_flight, queue_bytes=queue_bytes,
+                           status_interval_s=args.status_interval, preview_every=args.preview_every, limits=limits)
+    reconstructor = make_reconstructor(args)
+
+    def on_volume(result):
+        if not args.quiet:
+            flag = "" if result.complete else f" INCOMPLETE ({result.incomplete_reason})"
+            print(f"volume {result.acquisition_id}: {'x'.join(map(str, result.volume.shape))}, "
+                  f"{result.views_used}/{result.views_expected} views, {result.latency_s * 1e3:.1f} ms after the "
+                  f"last view{flag}", flush=True)
+
+    def on_error(error):
+        if not args.quiet:
+            print(f"error {error.reason} ({error.acquisition_id}): {error.detail.splitlines()[0]}", flush=True)
+
+    server = StreamingServer(reconstructor, args.ingest, args.results, config, save_dir=args.save_dir,
+                             curve=curve_server(args), on_volume=on_volume, on_error=on_error)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    # these two lines are the machine-readable handshake: scripts read the bound endpoints from them
+    print(f"ingest {server.ingest_address}", flush=True)
+    print(f"results {server.results_address}", flush=True)
+    print(f"engine {server.service.engine}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    server.serve_forever(stop)
+    status = server.status()
+    print(f"stopped: {status['volumes']} volumes, {status['rejected_messages']} rejected messages, "
+          f"errors {status['errors']}", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,293 @@
+"""The ZeroMQ service (``biref serve``): PULL ingest -> :class:`AcquisitionService` -> PUB results.
+
+Threads: the ingest thread owns the PULL socket (and its monitor); the service's worker thread owns
+the engine and the PUB socket; an optional writer thread saves volumes. Ingest reads the header
+frame, validates it, takes a buffer of exactly the announced size from the service's bounded pool
+and receives the payload straight into it (``recv_into``): nothing is allocated for a message
+before its header passed. When the pool is spent, ingest stops reading; ZeroMQ's high-water marks
+then fill and the microscope's ``send`` blocks: back-pressure end to end, no drops.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..files import write_volume
+from . import DEFAULT_INGEST, DEFAULT_RESULTS, protocol
+from .protocol import ProtocolError
+from .security import CurveServer, configure_server, start_authenticator
+from .service import AcquisitionService, ServiceClosed, ServiceConfig, StreamError, StreamResult
+
+
+_MONITORED = {
+    zmq.EVENT_ACCEPTED: "connections",
+    zmq.EVENT_DISCONNECTED: "disconnects",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failures",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failures",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failures",
+}
+
+
+def _endpoint(address: str) -> str:
+    # "tcp://host:0" asks for any free port, as in most socket APIs; ZeroMQ spells it "*"
+    return re.sub(r":0$", ":*", address)
+
+
+def safe_filename(acquisition_id: str) -> str:
+    """A file name for an acquisition id (ids are free text on the wire)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", acquisition_id).lstrip(".")
+    return (name or "acquisition")[:128]
+
+
+class StreamingServer:
+    """Binds the ingest (PULL) and results (PUB) sockets and runs the service until ``close``.
+
+    ``ingest``/``results``: ZeroMQ endpoints to bind; ``tcp://127.0.0.1:0`` picks a free port
+    (read the bound one from ``ingest_address``/``results_address``). ``save_dir``: write each volume
+    to ``<save_dir>/<acquisition_id>.h5`` (atomically). ``on_volume``/``on_error``: extra in-process
+    callbacks (worker thread).
+    """
+
+    def __init__(self, reconstructor, ingest: str = DEFAULT_INGEST, results: str = DEFAULT_RESULTS,
+                 config: ServiceConfig = ServiceConfig(), *, save_dir=None, curve: CurveServer | None = None,
+                 ingest_hwm: int = 64, results_hwm: int = 32, on_volume=None, on_error=None,
+                 context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self._user_on_volume, self._user_on_error = on_volume, on_error
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self._authenticator = None
+        self._seq = collections.Counter()
+        self._net = collections.Counter()
+        self._stopping = threading.Event()
+        self._closed = False
+        self._ingest_thread = None
+        self._writer = None
+        self.service = None
+        try:
+            if curve is not None:
+                self._authenticator = start_authenticator(self.context, curve)
+            self._pull = self._socket(zmq.PULL, curve)
+            self._pull.rcvhwm = ingest_hwm
+            # libzmq drops a peer that sends a larger frame, before any of it reaches us
+            self._pull.maxmsgsize = max(self.limits.max_frame_bytes, self.limits.max_header_bytes)
+            self._pull.bind(_endpoint(ingest))
+            self.ingest_address = self._pull.last_endpoint.decode()
+            self._monitor = self._pull.get_monitor_socket(sum(_MONITORED))
+            self._pub = self._socket(zmq.PUB, curve)
+            self._pub.sndhwm = results_hwm
+            self._pub.bind(_endpoint(results))
+            self.results_address = self._pub.last_endpoint.decode()
+            if self.save_dir is not None:
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                self._save_queue: queue.Queue = queue.Queue(maxsize=4)
+                self._writer = threading.Thread(target=self._write_volumes, name="biref-volume-writer", daemon=True)
+                self._writer.start()
+            self.service = AcquisitionService(reconstructor, config, on_volume=self._on_volume,
+                                              on_error=self._on_error, on_status=self._on_status,
+                                              on_preview=self._on_preview, status_extra=self._status_extra)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._ingest_thread = threading.Thread(target=self._ingest, name="biref-ingest", daemon=True)
+        self._ingest_thread.start()
+
+    def _socket(self, kind, curve):
+        socket = self.context.socket(kind)
+        socket.linger = 0
+        if curve is not None:
+            configure_server(socket, curve)
+        return socket
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop ingest, let the worker finish what was received, then close the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        if self._ingest_thread is not None:
+            self._ingest_thread.join(timeout_s)
+        if self.service is not None:
+            self.service.close(timeout_s)
+        if self._writer is not None:
+            self._save_queue.put(None)
+            self._writer.join(timeout_s)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for name in ("_monitor", "_pull", "_pub"):
+            socket = getattr(self, name, None)
+            if socket is not None:
+                if name == "_pull":
+                    try:
+                        socket.disable_monitor()
+                    except zmq.ZMQError:
+                        pass
+                socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> "StreamingServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def status(self) -> dict:
+        return self.service.status()
+
+    def serve_forever(self, stop: threading.Event | None = None) -> None:
+        """Block until ``stop`` is set (or KeyboardInterrupt), then close."""
+        stop = stop or threading.Event()
+        try:
+            while not stop.wait(0.5):
+                if not self._ingest_thread.is_alive() or not self.service.alive:
+                    raise RuntimeError("a service thread died; see the traceback above")
+        finally:
+            self.close()
+
+    # -- ingest thread ------------------------------------------------------------------------------
+    def _ingest(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                ready = dict(poller.poll(100))
+                if self._monitor in ready:
+                    self._monitor_events()
+                if self._pull in ready:
+                    # a burst, so that a busy stream is not slowed down by a poll per message
+                    for _ in range(256):
+                        if self._stopping.is_set() or not self._receive(zmq.NOBLOCK):
+                            break
+        except ServiceClosed:
+            pass
+
+    def _monitor_events(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            name = _MONITORED.get(event["event"])
+            if name:
+                self._net[name] += 1
+
+    def _drain(self) -> int:
+        """Discard the rest of a multipart message; returns the number of frames discarded."""
+        n = 0
+        while self._pull.rcvmore:
+            self._pull.recv(copy=False)
+            n += 1
+        return n
+
+    def _take(self, nbytes: int):
+        waited = False
+        while True:
+            buffer = self.service.pool.take(nbytes, timeout_s=0.1)
+            if buffer is not None:
+                return buffer
+            if not waited:
+                self.service.count("ingest_waits")   # back-pressure engaged
+                waited = True
+            if self._stopping.is_set():
+                raise ServiceClosed("ingest stopped")
+
+    def _receive(self, flags: int) -> bool:
+        try:
+            header_frame = self._pull.recv(flags, copy=False)
+        except zmq.Again:
+            return False
+        received_s = time.perf_counter()
+        nbytes = len(header_frame)
+        buffers, arrays = [], []
+        try:
+            header = protocol.parse_header(header_frame.buffer, self.limits)
+            allowed = protocol.expected_frame_counts(header)
+            while self._pull.rcvmore:
+                index = len(arrays)
+                if index >= max(allowed):
+                    extra = self._drain()
+                    raise ProtocolError("frame_count", f"{header.type} takes at most {max(allowed)} payload "
+                                        f"frame(s), got {index + extra}", header.acquisition_id, header.type)
+                protocol.check_payload(header, index + 1, self.limits)   # size limit before allocating
+                expected = header.payload_nbytes(index)
+                buffer = self._take(expected)
+                buffers.append(buffer)
+                got = self._pull.recv_into(buffer)
+                nbytes += got
+                if got != expected:
+                    raise ProtocolError("size_mismatch", f"payload frame {index} has {got} bytes, header announces "
+                                        f"{expected}", header.acquisition_id, header.type)
+                shape, dtype = header.payload[index]
+                arrays.append(buffer.view(dtype).reshape(shape))
+            protocol.check_payload(header, len(arrays), self.limits)
+            message = protocol.build_message(header, arrays, received_s)
+        except ProtocolError as error:
+            self._drain()
+            for buffer in buffers:
+                self.service.pool.give(buffer)
+            self.service.count("bytes_received", nbytes)
+            self.service.report(StreamError.from_protocol_error(error), cancel=self._stopping)
+            return True
+        self.service.count("bytes_received", nbytes)
+        self.service.submit(message, buffers, cancel=self._stopping)
+        return True
+
+    # -- worker-thread callbacks: publish -----------------------------------------------------------
+    def _publish(self, topic: str, header: dict, volume=None) -> None:
+        header = {"seq": self._seq[topic], "time_unix_s": time.time(), **header}
+        self._seq[topic] += 1
+        # PUB never blocks: a subscriber beyond its high-water mark misses messages and sees the gap in "seq"
+        self._pub.send_multipart(protocol.encode_result(topic, header, volume), copy=False)
+
+    def _on_volume(self, result: StreamResult) -> None:
+        self._publish("volume", result.header(), result.volume)
+        if self.save_dir is not None:
+            self._save_queue.put((self.save_dir / f"{safe_filename(result.acquisition_id)}.h5", result.volume))
+        if self._user_on_volume is not None:
+            self._user_on_volume(result)
+
+    def _on_preview(self, result: StreamResult) -> None:
+        self._publish("preview", result.header(), result.volume)
+
+    def _on_error(self, error: StreamError) -> None:
+        self._publish("error", error.header())
+        if self._user_on_error is not None:
+            self._user_on_error(error)
+
+    def _on_status(self, status: dict) -> None:
+        self._publish("status", status)
+
+    def _status_extra(self) -> dict:
+        extra = {name: self._net[name] for name in ("connections", "disconnects", "handshake_failures")}
+        if self.save_dir is not None:
+            extra.update(volumes_saved=self._net["volumes_saved"], save_errors=self._net["save_errors"])
+        return extra
+
+    def _write_volumes(self) -> None:
+        while True:
+            item = self._save_queue.get()
+            if item is None:
+                return
+            path, volume = item
+            try:
+                write_volume(path, volume)
+                self._net["volumes_saved"] += 1
+            except Exception as error:
+                self._net["save_errors"] += 1
+                print(f"biref serve: could not save {path}: {error}", file=sys.stderr)
