@@ -118,6 +118,10 @@ class BirefNet(nn.Module):
         self.head_bn = nn.BatchNorm3d(config.decoder_channels[-1])
         # 2 index channels (n_e, n_o) + 5 Q-tensor components
         self.head = nn.Conv3d(config.decoder_channels[-1], 7, 1)
+        # start near the bottom of the index range, where the medium (most voxels) lies, without
+        # saturating the sigmoids (their slope at -3 is still 0.045)
+        with torch.no_grad():
+            self.head.bias[:2].fill_(-3.0)
 
     # -- stages -----------------------------------------------------------------------------------
     def initial_hidden(self, batch: int, device=None, dtype=None) -> torch.Tensor:

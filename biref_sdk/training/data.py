@@ -56,7 +56,10 @@ class HologramDataset(torch.utils.data.Dataset):
             return cached.to(torch.float32)
         windows = self.preprocessor.acquisition(self.file.holograms(index))
         if self.cache:
+            # the first epoch sees the same float16-rounded inputs as the later ones (and a
+            # resumed run, whose cache starts empty, the same as an uninterrupted one)
             self._cache[index] = windows.to(torch.float16)
+            return self._cache[index].to(torch.float32)
         return windows
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,120 @@
+"""Model files: round trip, checksum, corrupt and missing files, geometry checks; the model
+reconstructor's incremental session against the whole forward pass."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from biref_sdk.files import Acquisition
+from biref_sdk.network import (GeometryMismatchError, InputPreprocessor, ModelFileError, load_model, save_model)
+from biref_sdk.reconstruction.model import ModelReconstructor
+
+from test_network_model import tiny_geometry, tiny_network
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    network = tiny_network(seed=3)
+    path = tmp_path / "tiny.h5"
+    digest = save_model(path, network, tiny_geometry(), {"note": "test"})
+    return path, network, digest
+
+
+def test_round_trip_gives_the_same_network(model_file):
+    path, network, digest = model_file
+    loaded = load_model(path, geometry=tiny_geometry())
+    assert loaded.sha256 == digest and loaded.metadata == {"note": "test"}
+    assert loaded.config == network.config
+    config = network.config
+    windows = torch.randn(1, config.sequence_length, config.input_channels, 1, *config.input_shape)
+    with torch.no_grad():
+        for a, b in zip(network(windows), loaded.network(windows)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_changed_weight_fails_the_checksum(model_file):
+    path = model_file[0]
+    with h5py.File(path, "r+") as handle:
+        name = next(iter(handle["weights"]))
+        data = handle["weights"][name][()]
+        data.flat[0] += 1e-3
+        handle["weights"][name][...] = data
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_missing_and_garbage_files_give_clear_errors(tmp_path, model_file):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope.h5")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file at all" * 100)
+    with pytest.raises(ModelFileError, match="corrupt"):
+        load_model(garbage)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(model_file[0].read_bytes()[:2000])
+    with pytest.raises(ModelFileError):
+        load_model(truncated)
+
+
+def test_geometry_mismatch_is_refused(model_file):
+    path = model_file[0]
+    other = tiny_geometry().replace(wavelength_m=633e-9)
+    with pytest.raises(GeometryMismatchError, match="wavelength_m"):
+        load_model(path, geometry=other)
+    loaded = load_model(path)
+    reconstructor = ModelReconstructor(loaded)
+    bigger = tiny_geometry().replace(hologram_shape=(64, 64))
+    with pytest.raises(GeometryMismatchError, match="hologram_shape"):
+        reconstructor.start(bigger, np.ones((2, 7, 64, 64)))
+
+
+def _acquisition(geometry, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (2, geometry.n_views, *geometry.hologram_shape)
+    background = rng.poisson(3000, size=shape).astype(np.uint16)
+    holograms = rng.poisson(3000, size=shape).astype(np.uint16)
+    return Acquisition(holograms=holograms, background=background, geometry=geometry)
+
+
+@pytest.mark.parametrize("order", ["in order", "shuffled"])
+def test_session_equals_the_whole_forward(model_file, order):
+    path = model_file[0]
+    loaded = load_model(path)
+    geometry = tiny_geometry()
+    acquisition = _acquisition(geometry)
+    windows = InputPreprocessor(loaded.config, geometry, acquisition.background).acquisition(acquisition.holograms)
+    with torch.no_grad():
+        ne, no, q = loaded.network(windows[None])
+    session = ModelReconstructor(loaded).start(geometry, acquisition.background)
+    views = [(p, v) for p in range(2) for v in range(geometry.n_views)]
+    if order == "shuffled":
+        views = [views[i] for i in np.random.default_rng(1).permutation(len(views))]
+    for p, v in views:
+        session.add_view(p, v, acquisition.holograms[p, v])
+    volume = session.finalize()
+    np.testing.assert_allclose(volume.ne, ne[0].numpy(), atol=2e-6)
+    np.testing.assert_allclose(volume.no, no[0].numpy(), atol=2e-6)
+    assert volume.director.shape == (3, *geometry.volume_shape)
+    np.testing.assert_allclose(np.linalg.norm(volume.director, axis=0), 1.0, atol=1e-5)
+    assert volume.parameters["method"] == "model" and volume.parameters["missing_views"] == 0
+
+
+def test_session_with_missing_views(model_file):
+    loaded = load_model(model_file[0])
+    geometry = tiny_geometry()
+    acquisition = _acquisition(geometry, seed=2)
+    session = ModelReconstructor(loaded).start(geometry, acquisition.background)
+    for v in range(geometry.n_views - 3):
+        session.add_view(0, v, acquisition.holograms[0, v])
+    with pytest.raises(ValueError, match="missing"):
+        session.finalize()
+    volume = session.finalize(allow_missing=True)
+    assert np.isfinite(volume.ne).all() and volume.parameters["missing_views"] > 0
+    assert volume.no.min() >= loaded.config.index_min and volume.ne.max() <= loaded.config.index_max
+
+
+def test_reconstructor_without_a_model_raises():
+    with pytest.raises(ValueError, match="model file"):
+        ModelReconstructor(None)

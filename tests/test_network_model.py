@@ -1,0 +1,195 @@
+"""The paper's network: shapes, output constraints, the stage-by-stage API, Q-tensor directors,
+and the input preprocessing."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from biref_sdk.geometry import Geometry, preset, ring_illumination_sines
+from biref_sdk.network import (BirefNet, InputPreprocessor, NetworkConfig, config_for_geometry, director_from_q,
+                               fourier_downsample, q_from_director, window_layout)
+
+
+
+def tiny_geometry(n_views: int = 7) -> Geometry:
+    return Geometry(wavelength_m=532e-9, medium_index=1.54, na_objective=1.2, pixel_size_m=50e-9,
+                    illumination_sines=ring_illumination_sines(n_views, 1.0, 1.54),
+                    reference_carriers=((11 / 32, 4 / 32), (-4 / 32, 11 / 32)), hologram_shape=(32, 32),
+                    volume_shape=(12, 16, 16), voxel_size_m=(100e-9, 50e-9, 50e-9))
+
+
+def tiny_network(seed: int = 0, **overrides) -> BirefNet:
+    torch.manual_seed(seed)
+    config = config_for_geometry(tiny_geometry(), "tiny", window_length=2, **overrides)
+    network = BirefNet(config)
+    # non-trivial batch-norm statistics, so that evaluation mode is not an identity
+    network.train()
+    with torch.no_grad():
+        for _ in range(2):
+            network(torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape))
+    return network.eval()
+
+
+def test_window_layout_follows_the_paper():
+    assert window_layout(37, 6) == 6  # the paper: six feature maps from 37 views
+    assert window_layout(37, 3) == 12
+    assert window_layout(37, 4) == 8  # nine whole windows: odd, so one is dropped
+    assert window_layout(37, 5) == 6  # seven -> six
+    assert window_layout(37, 1) == 36
+    with pytest.raises(ValueError):
+        window_layout(37, 0)
+    with pytest.raises(ValueError):
+        window_layout(5, 3)  # one window: odd, nothing left
+
+
+def test_paper_configuration_has_the_papers_shapes():
+    config = config_for_geometry(preset("paper"), "paper", input_mode="hologram")
+    assert config.input_shape == (512, 512)
+    assert config.encoder_strides == (2, 2, 2, 2, 2)
+    assert config.latent_shape == (1, 16, 16)  # the paper's 1x16x16 feature maps
+    assert config.encoder_channels[-1] == 192 and config.hidden_channels == 512
+    assert config.sequence_length == 6
+    decoded = config.decoded_shape
+    assert all(d >= v for d, v in zip(decoded, (80, 332, 332)))  # the final resize only trims
+
+
+def test_small_configuration_decodes_the_volume_exactly():
+    config = config_for_geometry(preset("small"), "small")
+    assert config.decoded_shape == (32, 64, 64)
+    assert config.input_shape == (64, 64)
+    assert BirefNet(config).parameters().__next__() is not None
+    n_bytes = 4 * sum(p.numel() for p in BirefNet(config).parameters())
+    assert n_bytes < 5e6  # a few MB
+
+
+@pytest.mark.parametrize("bad", [dict(input_mode="phase"), dict(attention="none"), dict(encoder_channels=(4, 4)),
+                                 dict(index_min=1.6, index_max=1.5), dict(encoder_strides=(2, 2, 2, 2, 2))])
+def test_bad_configuration_raises(bad):
+    base = config_for_geometry(tiny_geometry(), "tiny").to_dict()
+    base.update(bad)
+    with pytest.raises(ValueError):
+        NetworkConfig(**base)
+
+
+def test_configuration_round_trips_through_a_dict():
+    config = config_for_geometry(tiny_geometry(), "tiny")
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        NetworkConfig.from_dict({**config.to_dict(), "colour": 1})
+
+
+@pytest.mark.parametrize("attention", ["position", "sequence"])
+def test_stage_by_stage_equals_the_whole_forward(attention):
+    network = tiny_network(attention=attention)
+    config = network.config
+    windows = torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape)
+    with torch.no_grad():
+        whole = network(windows)
+        hidden = network.initial_hidden(2)
+        states = []
+        for t in range(config.sequence_length):
+            features = network.encode(windows[:, t])
+            assert features.shape == (2, config.encoder_channels[-1], *config.latent_shape)
+            hidden = network.gru_step(hidden, features)
+            states.append(hidden)
+        staged = network.finalize(torch.stack(states, dim=1))
+    for a, b in zip(whole, staged):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ne, no, q = whole
+    assert ne.shape == no.shape == (2, *config.volume_shape)
+    assert q.shape == (2, 5, *config.volume_shape)
+
+
+def test_outputs_stay_in_the_index_range_with_ne_above_no():
+    network = tiny_network()
+    config = network.config
+    # extreme inputs drive the sigmoids into saturation
+    windows = 1e3 * torch.randn(3, config.sequence_length, config.input_channels, 1, *config.input_shape)
+    with torch.no_grad():
+        ne, no, _ = network(windows)
+    assert torch.all(no >= config.index_min) and torch.all(ne <= config.index_max)
+    assert torch.all(ne >= no)
+
+
+def test_gradients_reach_the_first_layer():
+    network = tiny_network().train()
+    config = network.config
+    windows = torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape)
+    ne, no, q = network(windows)
+    (ne.mean() + no.mean() + q.pow(2).mean()).backward()
+    first = network.encoder[0].conv1.weight.grad
+    assert first is not None and torch.isfinite(first).all() and first.abs().sum() > 0
+
+
+def test_q_tensor_is_sign_free_and_gives_back_the_director():
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(3, 2, 3, 4))
+    d /= np.linalg.norm(d, axis=0)
+    director = torch.as_tensor(d, dtype=torch.float32)
+    q = q_from_director(director)
+    torch.testing.assert_close(q, q_from_director(-director))
+    # the basis is orthonormal, so |q| equals the Frobenius norm of d d^T - I/3: sqrt(2/3)
+    torch.testing.assert_close(q.norm(dim=0), torch.full(q.shape[1:], math.sqrt(2 / 3)), rtol=1e-5, atol=1e-5)
+    back = director_from_q(q)
+    alignment = (back * director).sum(dim=0).abs()
+    torch.testing.assert_close(alignment, torch.ones_like(alignment), rtol=1e-5, atol=1e-5)
+
+
+def test_fourier_downsample_is_exact_for_band_limited_fields():
+    n, factor = 32, 2
+    y, x = np.mgrid[0:n, 0:n]
+    f = (3 / n, -5 / n)  # below the coarse Nyquist frequency (1/4 cycle per fine pixel)
+    field = torch.as_tensor(np.exp(2j * np.pi * (f[0] * x + f[1] * y)) * (1 + 0.5 * np.cos(2 * np.pi * 2 * y / n)),
+                            dtype=torch.complex128)
+    coarse = fourier_downsample(field, factor)
+    torch.testing.assert_close(coarse, field[::factor, ::factor], rtol=1e-10, atol=1e-10)
+
+
+def tiny_frames(geometry: Geometry, phase=None) -> np.ndarray:
+    """Noise-free camera frames uint16[2, V, H, W] of the unit illuminations of docs/formats.md,
+    multiplied by ``exp(i phase)`` (a thin phase object, phase [H, W]) if given."""
+    from biref_sdk.holography import CameraConfig, expose, intensity
+
+    h, w = geometry.hologram_shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    scale = geometry.medium_index * geometry.pixel_size_m / geometry.wavelength_m
+    pol = geometry.input_polarizations()
+    fields = np.zeros((2, geometry.n_views, 2, h, w), complex)
+    for v, (sx, sy) in enumerate(geometry.sines):
+        wave = np.exp(2j * np.pi * scale * (sx * xx + sy * yy))
+        for p in range(2):
+            fields[p, v] = pol[p, v, :2, None, None] * wave
+    if phase is not None:
+        fields = fields * np.exp(1j * phase)
+    return expose(intensity(torch.as_tensor(fields, dtype=torch.complex64), geometry), CameraConfig(noise=False))
+
+
+def test_field_preprocessing_is_zero_for_the_background_and_sees_a_phase_object():
+    geometry = tiny_geometry()
+    config = config_for_geometry(geometry, "tiny", window_length=2)
+    background = tiny_frames(geometry)
+    pre = InputPreprocessor(config, geometry, background)
+    zero = pre.acquisition(background)
+    assert zero.shape == (config.sequence_length, config.input_channels, 1, *config.input_shape)
+    assert zero.abs().max() == 0
+    # a weak, smooth phase object: the x-polarized input's co-polarized channel picks up i*phi
+    h, w = geometry.hologram_shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    phi = 0.05 * np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (2 * 4.0**2))
+    x = pre.acquisition(tiny_frames(geometry, phi))
+    imag_x = x[0, 2, 0]  # window 0, polarization 0, Im(u_x)
+    assert imag_x.max() > 0.5 * phi.max()
+    peak = np.unravel_index(int(imag_x.argmax()), imag_x.shape)
+    assert abs(peak[0] - h / 4) <= 2 and abs(peak[1] - w / 4) <= 2  # the object's centre, at half resolution
+
+
+def test_preprocessor_rejects_a_wrong_background():
+    geometry = tiny_geometry()
+    config = config_for_geometry(geometry, "tiny", window_length=2)
+    with pytest.raises(ValueError, match="background"):
+        InputPreprocessor(config, geometry, np.ones((2, 3, 32, 32)))
+    with pytest.raises(ValueError, match="non-positive"):
+        InputPreprocessor(config.replace(input_mode="hologram"), geometry, np.zeros((2, 7, 32, 32)))
