@@ -14,6 +14,7 @@ COMMANDS = (
     "serve",
     "microscope_sim",
     "demo",
+    "reconstruct", "evaluate",
 )
 
 

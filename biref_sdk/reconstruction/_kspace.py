@@ -1,0 +1,275 @@
+"""The Fourier-space side of the formula reconstruction: where every view's Rytov data land on the
+3D frequency grid (Fourier diffraction theorem for an illumination scan), the per-frequency
+normal equations of the six tensor components, and the inverse transform onto the volume grid.
+
+Frequency grid. Laterally it is the camera's: spacing 2 pi / (W p) in x and 2 pi / (H p) in y, so
+every demodulated frequency sits exactly on it. Axially the spacing is 2 pi / (N_z dz) with
+``N_z = ceil(z_oversampling * Z)``, i.e. the periodic real-space box is ``z_oversampling`` times
+deeper than the volume, which keeps nearest-plane gridding of the Ewald caps accurate and the
+wrap-around out of the volume. Only the box of frequencies that data can reach is stored, and of
+it only the frequencies some view actually hits ("compact" voxels): for ``paper`` that is under a
+million of the 80 x 512 x 512 grid.
+
+Tensor components are in the order (xx, yy, zz, xy, xz, yz) (``biref_sdk.samples.tensor``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..geometry import Geometry
+
+# Rytov data rows per frequency: the (u1,u1), symmetrised (u1,u2) and (u2,u2) entries of the log
+# Jones matrix; the off-diagonal stands for two measured entries, hence weight 2 (Frobenius norm).
+ROW_WEIGHTS = (1.0, 2.0, 1.0)
+# Frobenius metric of a symmetric tensor in 6-vector form, and its isotropic direction
+_FROBENIUS = np.diag([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
+_ISOTROPIC = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def polarization_frames(geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(k_hat, u1, u2, T) per view: the illumination direction, the polarization basis of the
+    forward model (u1 = x^ projected perpendicular to k_hat, u2 = k_hat x u1) and T [V, 2, 2]
+    mapping (u1, u2) coefficients to (x, y) field components."""
+    k_hat = geometry.illumination_directions()
+    u1 = geometry.input_polarizations()[0]
+    u2 = np.cross(k_hat, u1)
+    T = np.stack([np.stack([u1[:, 0], u2[:, 0]], 1), np.stack([u1[:, 1], u2[:, 1]], 1)], 1)
+    return k_hat, u1, u2, T
+
+
+def quadratic_form_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """c [V, 6] with ``a^T S b = c . s6`` for a symmetric tensor ``s6`` (xx, yy, zz, xy, xz, yz)."""
+    return np.stack([a[:, 0] * b[:, 0], a[:, 1] * b[:, 1], a[:, 2] * b[:, 2],
+                     a[:, 0] * b[:, 1] + a[:, 1] * b[:, 0], a[:, 0] * b[:, 2] + a[:, 2] * b[:, 0],
+                     a[:, 1] * b[:, 2] + a[:, 2] * b[:, 1]], axis=1)
+
+
+def regularizer(deviatoric: float, isotropic: float) -> np.ndarray:
+    """Rotation-invariant Tikhonov matrix [6, 6]: ``deviatoric`` weighs the squared Frobenius norm
+    of the traceless part, ``isotropic`` that of the isotropic part (trace^2 / 3)."""
+    iso = np.outer(_ISOTROPIC, _ISOTROPIC) / 3.0
+    return deviatoric * (_FROBENIUS - iso) + isotropic * iso
+
+
+@dataclass
+class ViewMapping:
+    """Where one view's data go: crop-grid frequency bins, their scale to tensor units, and the
+    compact frequency voxels of +K and -K (the conjugate datum of a real tensor)."""
+
+    bins: torch.Tensor        # long [n]: flat indices into the Hc x Wc crop spectrum
+    scale: torch.Tensor       # complex [n]: crop FFT -> b = A . Delta_hat(K)
+    plus: torch.Tensor        # long [n]: compact voxel of K
+    minus: torch.Tensor       # long [n]: compact voxel of -K
+    rows: torch.Tensor        # real [3, 6]: weighted rows (W A) of this view
+
+
+class FourierPlan:
+    """Everything about the frequency grid that depends only on the geometry (cached per geometry).
+
+    ``b = A . Delta_hat(K)`` is the model: for view ``v`` and crop frequency ``q``, with
+    ``K = k_out - k_in``, ``k_out = (k_in,T + q, sqrt(k_m^2 - |k_in,T + q|^2))``,
+    ``b_ab = R_hat_ab(q) * 2 n_m s_z / (i k0)`` where ``R_hat_ab`` is the 2D Fourier transform of
+    the (a, b) entry of the log Jones matrix in the (u1, u2) basis, and ``A_ab = u_a^T . u_b``
+    contracts the tensor. ``Delta = 2 n_m (N - n_m I)`` with N the index tensor (to first order
+    ``Delta = eps - n_m^2 I``).
+    """
+
+    def __init__(self, geometry: Geometry, crop: tuple[int, int], device: torch.device,
+                 z_oversampling: float, regularization: float, isotropic_regularization: float) -> None:
+        if z_oversampling < 1.0:
+            raise ValueError(f"z_oversampling must be >= 1, got {z_oversampling}")
+        if regularization < 0 or isotropic_regularization < 0:
+            raise ValueError("regularization weights must be >= 0")
+        self.geometry = g = geometry
+        self.device = torch.device(device)
+        self.crop = Hc, Wc = crop
+        H, W = g.hologram_shape
+        Z = g.volume_shape[0]
+        dz = g.voxel_size_m[0]
+        p = g.pixel_size_m
+        self.n_z = max(Z, int(math.ceil(z_oversampling * Z)))
+        k0, km = g.k0_per_m, g.k_medium_per_m
+        dkz = 2 * math.pi / (self.n_z * dz)
+        k_hat, u1, u2, T = polarization_frames(g)
+        self.T = T
+        rows = np.stack([quadratic_form_rows(u1, u1), quadratic_form_rows(u1, u2), quadratic_form_rows(u2, u2)], 1)
+        weighted = rows * np.asarray(ROW_WEIGHTS)[None, :, None]  # [V, 3, 6]
+        self._view_normal = np.einsum("vri,vrj->vij", rows, weighted)  # A^T W A per view [V, 6, 6]
+
+        my = np.fft.fftfreq(Hc, 1.0 / Hc).round().astype(np.int64)
+        mx = np.fft.fftfreq(Wc, 1.0 / Wc).round().astype(np.int64)
+        MY, MX = np.meshgrid(my, mx, indexing="ij")
+        qx, qy = 2 * math.pi * MX / (W * p), 2 * math.pi * MY / (H * p)
+        # crop pixel n sits at x = (n - Wc/2) * pitch: the Fourier transform about x = 0 carries
+        # exp(i pi m) per axis, and the crop pixel area
+        centring = np.where((MX + MY) % 2 == 0, 1.0, -1.0) * (p * W / Wc) * (p * H / Hc)
+        per_view = []
+        for v in range(g.n_views):
+            k_in = k_hat[v] * km
+            kx, ky = k_in[0] + qx, k_in[1] + qy
+            kt2 = kx**2 + ky**2
+            inside = kt2 <= (k0 * g.na_objective) ** 2
+            kz_out = np.sqrt(np.maximum(km**2 - kt2, 0.0))
+            mz = np.round((kz_out - k_in[2]) / dkz).astype(np.int64)
+            inside &= np.abs(mz) < self.n_z // 2  # band limit of the volume's z grid
+            flat = np.flatnonzero(inside.reshape(-1))
+            scale = centring.reshape(-1)[flat] * (2 * g.medium_index * k_hat[v, 2] / (1j * k0))
+            per_view.append((flat, MX.reshape(-1)[flat], MY.reshape(-1)[flat], mz.reshape(-1)[flat], scale))
+        self.half_box = (max(int(np.abs(v[3]).max()) for v in per_view),
+                         max(int(np.abs(v[2]).max()) for v in per_view),
+                         max(int(np.abs(v[1]).max()) for v in per_view))
+        Bz, By, Bx = (2 * m + 1 for m in self.half_box)
+        self.box_shape = (Bz, By, Bx)
+        Mz, My, Mx = self.half_box
+
+        def box_index(mz, my, mx):
+            return ((mz + Mz) * By + (my + My)) * Bx + (mx + Mx)
+
+        all_ids = np.concatenate([np.concatenate([box_index(v[3], v[2], v[1]), box_index(-v[3], -v[2], -v[1])])
+                                  for v in per_view])
+        unique, inverse = np.unique(all_ids, return_inverse=True)
+        self.box_index = torch.as_tensor(unique, device=self.device)
+        self.n_voxels = len(unique)
+        self.views: list[ViewMapping] = []
+        offset = 0
+        for v, (flat, _, _, _, scale) in enumerate(per_view):
+            n = len(flat)
+            plus = inverse[offset:offset + n]
+            minus = inverse[offset + n:offset + 2 * n]
+            offset += 2 * n
+            self.views.append(ViewMapping(
+                bins=torch.as_tensor(flat, device=self.device),
+                scale=torch.as_tensor(scale, dtype=torch.complex64, device=self.device),
+                plus=torch.as_tensor(plus, device=self.device), minus=torch.as_tensor(minus, device=self.device),
+                rows=torch.as_tensor(weighted[v], dtype=torch.float32, device=self.device)))
+        self._regularizer = regularizer(regularization, isotropic_regularization)
+        self._inverse_all: torch.Tensor | None = None
+        self.regularization = (regularization, isotropic_regularization)
+
+    def normal_matrices(self, views=None) -> torch.Tensor:
+        """A^T W A per compact voxel, float64 [n_voxels, 6, 6], summed over ``views`` (default all)."""
+        selected = range(self.geometry.n_views) if views is None else views
+        normal = torch.zeros(self.n_voxels, 36, dtype=torch.float64)
+        for v in selected:
+            block = torch.as_tensor(self._view_normal[v].reshape(1, 36))
+            mapping = self.views[v]
+            for ids in (mapping.plus, mapping.minus):
+                normal.index_add_(0, ids.cpu(), block.expand(len(ids), 36))
+        return normal.reshape(-1, 6, 6)
+
+    def normal_inverse(self, views=None) -> torch.Tensor:
+        """(A^T W A + R)^-1 per compact voxel, float32 [n_voxels, 6, 6], for the given views (all by
+        default; that case is cached)."""
+        if views is None and self._inverse_all is not None:
+            return self._inverse_all
+        normal = self.normal_matrices(views) + torch.as_tensor(self._regularizer)
+        # a voxel with no data and a zero regularizer has a singular system: its solution is zero
+        empty = normal.abs().amax(dim=(1, 2)) == 0
+        normal[empty] = torch.eye(6, dtype=torch.float64)
+        inverse = torch.linalg.inv(normal).to(torch.float32).to(self.device)
+        if views is None:
+            self._inverse_all = inverse
+        return inverse
+
+    def to_dense(self, solution: torch.Tensor) -> torch.Tensor:
+        """Compact solution [n_voxels, 6] -> dense frequency box complex64 [6, Bz, By, Bx]."""
+        box = torch.zeros(6, int(np.prod(self.box_shape)), dtype=torch.complex64, device=solution.device)
+        box[:, self.box_index] = solution.T.to(torch.complex64)
+        return box.reshape(6, *self.box_shape)
+
+    def to_compact(self, box: torch.Tensor) -> torch.Tensor:
+        return box.reshape(6, -1)[:, self.box_index].T
+
+    # -- frequency box <-> volume grid ---------------------------------------------------------------
+    def _phase(self, m: torch.Tensor, period_m: float, origin_m: float) -> torch.Tensor:
+        return torch.exp(1j * (2 * math.pi / period_m * origin_m) * m.to(torch.float64)).to(torch.complex64)
+
+    def to_volume(self, box: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+        """Dense frequency box [C, Bz, By, Bx] (Hermitian: a real tensor field) -> real samples
+        float32 [C, Z, Y, X] on the volume grid (voxel centres of docs/formats.md)."""
+        g = self.geometry
+        H, W = g.hologram_shape
+        Z, Y, X = g.volume_shape
+        dz, dy, dx = g.voxel_size_m
+        p = g.pixel_size_m
+        Mz, My, Mx = self.half_box
+        dev = box.device
+        mz = torch.arange(-Mz, Mz + 1, device=dev)
+        my = torch.arange(-My, My + 1, device=dev)
+        mx = torch.arange(0, Mx + 1, device=dev)
+        same_pitch = math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)
+        if same_pitch:  # sample straight at the voxel centres
+            y0, x0, ny, nx = -Y / 2 * dy, -X / 2 * dx, Y, X
+        else:  # sample the whole camera grid, then interpolate onto the voxel centres
+            y0, x0, ny, nx = -H / 2 * p, -W / 2 * p, H, W
+        phase_z = self._phase(mz, self.n_z * dz, -Z / 2 * dz)
+        phase_y = self._phase(my, H * p, y0)
+        phase_x = self._phase(mx, W * p, x0)
+        out = []
+        for start in range(0, box.shape[0], chunk):
+            part = box[start:start + chunk, :, :, Mx:] * phase_x  # kx >= 0 half of a Hermitian box
+            grid = torch.zeros(part.shape[0], self.n_z, part.shape[2], part.shape[3], dtype=part.dtype, device=dev)
+            grid[:, mz % self.n_z] = part * phase_z[:, None, None]
+            part = torch.fft.ifft(grid, dim=1)[:, :Z]
+            grid = torch.zeros(part.shape[0], Z, H, part.shape[3], dtype=part.dtype, device=dev)
+            grid[:, :, my % H] = part * phase_y[:, None]
+            part = torch.fft.ifft(grid, dim=2)[:, :, :ny]
+            grid = torch.zeros(*part.shape[:3], W // 2 + 1, dtype=part.dtype, device=dev)
+            grid[..., :Mx + 1] = part
+            real = torch.fft.irfft(grid, n=W, dim=3)[..., :nx] / (dz * p * p)
+            if not same_pitch:
+                real = _resample_lateral(real, g)
+            out.append(real)
+        return torch.cat(out)
+
+    def from_volume(self, volume: torch.Tensor) -> torch.Tensor:
+        """Fourier transform of real samples [C, Z, Y, X] on the volume grid (zero outside it) onto
+        the dense frequency box [C, Bz, By, Bx]: the transform that ``to_volume`` inverts for
+        fields band-limited to the box (used by the constraint iterations). Pruned: each axis is
+        transformed and cut to the box before the next."""
+        g = self.geometry
+        H, W = g.hologram_shape
+        Z, Y, X = g.volume_shape
+        dz, dy, dx = g.voxel_size_m
+        p = g.pixel_size_m
+        if not (math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)):
+            raise ValueError("constraint iterations need voxels of the camera pixel size laterally")
+        Mz, My, Mx = self.half_box
+        dev = volume.device
+        mz = torch.arange(-Mz, Mz + 1, device=dev)
+        my = torch.arange(-My, My + 1, device=dev)
+        mx = torch.arange(0, Mx + 1, device=dev)
+        half = torch.fft.rfft(volume.float(), n=W, dim=3)[..., :Mx + 1]
+        half = half * torch.conj(self._phase(mx, W * p, -X / 2 * dx))
+        half = torch.fft.fft(half, n=H, dim=2)[:, :, my % H] * torch.conj(self._phase(my, H * p, -Y / 2 * dy))[:, None]
+        half = torch.fft.fft(half, n=self.n_z, dim=1)[:, mz % self.n_z]
+        half = half * torch.conj(self._phase(mz, self.n_z * dz, -Z / 2 * dz))[:, None, None] * (dz * p * p)
+        # the kx < 0 half of a real field's spectrum: conj of the point reflection
+        negative = torch.conj(half[..., 1:].flip(1, 2, 3))
+        return torch.cat([negative, half], dim=3)
+
+
+def _resample_lateral(planes: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Linear interpolation of [C, Z, H, W] camera-grid samples onto the volume's (y, x) voxel
+    centres; the camera grid is periodic (it comes from a discrete Fourier series)."""
+    H, W = geometry.hologram_shape
+    _, Y, X = geometry.volume_shape
+    _, dy, dx = geometry.voxel_size_m
+    p = geometry.pixel_size_m
+    out = planes
+    for axis, n_cam, n_vol, d in ((2, H, Y, dy), (3, W, X, dx)):
+        position = ((torch.arange(n_vol, dtype=torch.float64) - n_vol / 2) * d / p + n_cam / 2)
+        lo = torch.floor(position)
+        w = (position - lo).to(planes.dtype).to(planes.device)
+        lo = lo.long() % n_cam
+        hi = (lo + 1) % n_cam
+        a = out.index_select(axis, lo.to(planes.device))
+        b = out.index_select(axis, hi.to(planes.device))
+        shape = [1] * out.ndim
+        shape[axis] = n_vol
+        out = a + (b - a) * w.reshape(shape)
+    return out

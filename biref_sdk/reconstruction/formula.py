@@ -1,0 +1,326 @@
+"""Formula-based dielectric tensor tomography (DTT): holograms -> n_e, n_o and director, no training.
+
+The method (docs/reconstruction.md has the equations):
+
+1. Off-axis demodulation of each frame onto a crop grid (``_fields.CroppedDemodulator``), giving
+   the (x, y) field for both input polarizations of a view: a 2x2 Jones matrix M per pixel; the
+   same for the background frames, M_bg.
+2. The relative Jones matrix in the view's polarization basis (u1, u2):
+   ``J = T^-1 M M_bg^-1 T`` (identity without a sample), and its matrix logarithm with the
+   unwrapped mean phase: the tensor Rytov field.
+3. To first order, ``log J`` is ``i k0 / (2 n_m s_z)`` times the path integral of
+   ``U^T Delta U`` (U = [u1 u2]), whose 2D spectrum is the 3D spectrum of the tensor contrast
+   ``Delta`` on the view's Ewald cap ``K = k_out - k_in`` (Fourier diffraction theorem for an
+   illumination scan). Each frequency bin of each view adds three equations in the six tensor
+   components to that K's normal equations (``_kspace.FourierPlan``), at once when the view's
+   second polarization arrives.
+4. ``finalize``: per-frequency Tikhonov solve (a precomputed 6x6 inverse per frequency), an
+   optional Gerchberg-Papoulis constraint loop, the inverse 3D FFT onto the volume grid and a
+   closed-form eigen-decomposition per voxel: ``n_e, n_o = n_m + lambda_max,min / (2 n_m)``, the
+   director the eigenvector of ``lambda_max``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..files import Volume
+from ..geometry import Geometry
+from ._eigen import symmetric_eigen
+from ._fields import CroppedDemodulator, crop_shape, jones_logarithm
+from ._kspace import FourierPlan
+from .base import ReconstructionSession, Reconstructor
+
+
+@dataclass(frozen=True)
+class FormulaOptions:
+    """Options of the formula reconstruction (all have working defaults).
+
+    regularization: Tikhonov weight on the traceless (anisotropic) part of the tensor at each
+        frequency, in units of one view's data; frequencies seen by too few views to fix all six
+        components fall back towards the isotropic tensor their data determine.
+    isotropic_regularization: the same for the isotropic part (kept small: every view sees it).
+    z_oversampling: depth of the periodic reconstruction box over the volume depth.
+    constraint_iterations: Gerchberg-Papoulis iterations (0: off) alternating the measured
+        frequencies with the real-space constraints: a real tensor, the medium outside the volume
+        grid, and principal indices within ``index_bounds`` when given.
+    index_bounds: (low, high) principal-index bounds used by the constraint loop and to clip the
+        output; None (default) leaves the indices as measured.
+    """
+
+    regularization: float = 0.3
+    isotropic_regularization: float = 1e-3
+    z_oversampling: float = 2.0
+    constraint_iterations: int = 0
+    index_bounds: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.regularization < 0 or self.isotropic_regularization < 0:
+            raise ValueError("regularization weights must be >= 0")
+        if self.z_oversampling < 1:
+            raise ValueError(f"z_oversampling must be >= 1, got {self.z_oversampling}")
+        if self.constraint_iterations < 0:
+            raise ValueError("constraint_iterations must be >= 0")
+        if self.index_bounds is not None:
+            lo, hi = (float(v) for v in self.index_bounds)
+            if not 0 < lo < hi:
+                raise ValueError(f"index_bounds {self.index_bounds} must be 0 < low < high")
+            object.__setattr__(self, "index_bounds", (lo, hi))
+
+
+class _Background:
+    """Per-view inverse background Jones matrices ``M_bg^-1 T`` [2, 2, Hc, Wc], computed on first
+    use and shared by every session of one background (a data set's samples share one)."""
+
+    def __init__(self, frames: np.ndarray, demodulator: CroppedDemodulator, T: torch.Tensor) -> None:
+        self._frames = frames
+        self._demodulator = demodulator
+        self._T = T
+        self._views: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def inverse(self, view: int) -> torch.Tensor:
+        with self._lock:
+            cached = self._views.get(view)
+            if cached is None:
+                fields = self._demodulator(self._frames[:, view]).to(torch.complex128)  # [pol, comp, h, w]
+                m = fields.permute(1, 0, 2, 3)  # rows: output component, columns: input pol
+                det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+                inv = torch.stack([torch.stack([m[1, 1], -m[0, 1]]), torch.stack([-m[1, 0], m[0, 0]])]) / det
+                cached = torch.einsum("ijyx,jk->ikyx", inv, self._T[view])
+                self._views[view] = cached
+            return cached
+
+
+def _fingerprint(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array)
+    digest = hashlib.blake2b(memoryview(array).cast("B"), digest_size=16)
+    digest.update(str((array.dtype.str, array.shape)).encode())
+    return digest.hexdigest()
+
+
+class FormulaReconstructor(Reconstructor):
+    """Formula-based DTT reconstruction (the baseline of the paper, and a fallback without a model).
+
+    ``FormulaReconstructor(device="cpu", **options)``: options are the fields of
+    :class:`FormulaOptions`. Geometry-dependent tables and demodulated backgrounds are cached on the
+    instance, so one reconstructor serving many acquisitions does that work once.
+    """
+
+    name = "formula"
+
+    def __init__(self, device: str | torch.device = "cpu", options: FormulaOptions | None = None, **kwargs) -> None:
+        if options is not None and kwargs:
+            raise ValueError("give either options= or keyword options, not both")
+        unknown = set(kwargs) - set(FormulaOptions.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown formula options: {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(FormulaOptions.__dataclass_fields__)}")
+        self.options = options or FormulaOptions(**kwargs)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self._lock = threading.Lock()
+        self._plans: OrderedDict = OrderedDict()
+        self._backgrounds: OrderedDict = OrderedDict()
+
+    def parameters(self) -> dict:
+        return {"method": self.name, "options": asdict(self.options), "device": str(self.device)}
+
+    def _plan(self, geometry: Geometry) -> tuple[FourierPlan, CroppedDemodulator]:
+        with self._lock:
+            entry = self._plans.get(geometry)
+            if entry is None:
+                crop = crop_shape(geometry)
+                o = self.options
+                plan = FourierPlan(geometry, crop, self.device, o.z_oversampling, o.regularization,
+                                   o.isotropic_regularization)
+                entry = (plan, CroppedDemodulator(geometry, self.device, crop))
+                self._plans[geometry] = entry
+                while len(self._plans) > 2:
+                    self._plans.popitem(last=False)
+            return entry
+
+    def _background(self, geometry: Geometry, background: np.ndarray) -> _Background:
+        plan, demodulator = self._plan(geometry)
+        key = (geometry, _fingerprint(background))
+        with self._lock:
+            entry = self._backgrounds.get(key)
+            if entry is None:
+                T = torch.as_tensor(plan.T, dtype=torch.complex128, device=self.device)
+                entry = _Background(np.array(background, copy=True), demodulator, T)
+                self._backgrounds[key] = entry
+                while len(self._backgrounds) > 2:
+                    self._backgrounds.popitem(last=False)
+            return entry
+
+    def start(self, geometry: Geometry, background: np.ndarray) -> "FormulaSession":
+        expected = (2, geometry.n_views, *geometry.hologram_shape)
+        if tuple(np.shape(background)) != expected:
+            raise ValueError(f"background has shape {np.shape(background)}, expected {expected}")
+        return FormulaSession(self, geometry, self._background(geometry, np.asarray(background)))
+
+
+class FormulaSession(ReconstructionSession):
+    """One acquisition in progress: each view's Rytov data are added to the frequency-space
+    normal equations as soon as both of its polarizations have arrived."""
+
+    def __init__(self, reconstructor: FormulaReconstructor, geometry: Geometry, background: _Background) -> None:
+        super().__init__(geometry)
+        self._reconstructor = reconstructor
+        self._options = reconstructor.options
+        self._device = reconstructor.device
+        self._plan, self._demodulator = reconstructor._plan(geometry)
+        self._background = background
+        self._pending: dict[int, dict[int, torch.Tensor]] = {}
+        self._rhs = torch.zeros(self._plan.n_voxels, 6, dtype=torch.complex64, device=self._device)
+        self._done = np.zeros(geometry.n_views, dtype=bool)
+        T = torch.as_tensor(self._plan.T, dtype=torch.complex128, device=self._device)
+        self._T_inv = torch.linalg.inv(T)
+        self._reference = self._outside_volume()
+        self.seconds_in_views = 0.0
+
+    def _outside_volume(self) -> torch.Tensor:
+        """Crop-grid pixels outside the volume's lateral footprint (where the sample is not)."""
+        g = self.geometry
+        Hc, Wc = self._plan.crop
+        H, W = g.hologram_shape
+        _, Y, X = g.volume_shape
+        _, dy, dx = g.voxel_size_m
+        y = (torch.arange(Hc, dtype=torch.float64) - Hc / 2) * g.pixel_size_m * H / Hc
+        x = (torch.arange(Wc, dtype=torch.float64) - Wc / 2) * g.pixel_size_m * W / Wc
+        inside = (y.abs()[:, None] <= Y * dy / 2) & (x.abs()[None, :] <= X * dx / 2)
+        return (~inside).to(self._device)
+
+    def _add_view(self, polarization: int, view: int, hologram: np.ndarray) -> None:
+        start = time.perf_counter()
+        fields = self._demodulator(hologram)  # [2(comp), h, w]
+        pending = self._pending.setdefault(view, {})
+        pending[polarization] = fields
+        if len(pending) == 2:
+            del self._pending[view]
+            self._accumulate(view, pending[0], pending[1])
+        self.seconds_in_views += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _accumulate(self, view: int, pol0: torch.Tensor, pol1: torch.Tensor) -> None:
+        # M: rows output component (x, y), columns input polarization
+        m = torch.stack([pol0, pol1], 1).to(torch.complex128)
+        jones = torch.einsum("ij,jkyx,klyx->ilyx", self._T_inv[view], m, self._background.inverse(view))
+        log = jones_logarithm(jones, self._reference)
+        rytov = torch.stack([log[0, 0], 0.5 * (log[0, 1] + log[1, 0]), log[1, 1]]).to(torch.complex64)
+        mapping = self._plan.views[view]
+        spectra = torch.fft.fft2(rytov).reshape(3, -1)[:, mapping.bins] * mapping.scale  # [3, n]
+        contribution = spectra.T @ mapping.rows.to(torch.complex64)  # [n, 6]
+        self._rhs.index_add_(0, mapping.plus, contribution)
+        self._rhs.index_add_(0, mapping.minus, contribution.conj())
+        self._done[view] = True
+
+    @torch.no_grad()
+    def finalize(self, allow_missing: bool = False) -> Volume:
+        start = time.perf_counter()
+        missing = np.flatnonzero(~self._done)
+        if missing.size and not allow_missing:
+            raise ValueError(f"{missing.size} views incomplete (e.g. view {int(missing[0])}); "
+                             "finalize(allow_missing=True) reconstructs from the complete views")
+        if missing.size == self.geometry.n_views:
+            raise ValueError("no complete view (both polarizations) was received")
+        plan, options = self._plan, self._options
+        inverse = plan.normal_inverse(None if not missing.size else np.flatnonzero(self._done))
+        solution = torch.einsum("nij,nj->ni", inverse.to(torch.complex64), self._rhs)
+        if options.constraint_iterations:
+            views = None if not missing.size else np.flatnonzero(self._done)
+            normal = plan.normal_matrices(views).to(torch.float32).to(self._device)
+            box = _constraint_loop(plan, solution, self._rhs, inverse, normal, options, self.geometry.medium_index)
+        else:
+            box = plan.to_dense(solution)
+        delta = plan.to_volume(box)
+        ne, no, director = principal_indices(delta, self.geometry.medium_index, options.index_bounds)
+        parameters = dict(self._reconstructor.parameters())
+        parameters.update({
+            "views_used": int(self._done.sum()),
+            "missing_views": missing.tolist(),
+            "frequency_voxels": plan.n_voxels,
+            "frequency_box": list(plan.box_shape),
+            "seconds_views": round(self.seconds_in_views, 4),
+            "seconds_finalize": round(time.perf_counter() - start, 4),
+        })
+        g = self.geometry
+        return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.cpu().numpy(),
+                      voxel_size_m=g.voxel_size_m, medium_index=g.medium_index, parameters=parameters)
+
+
+def principal_indices(delta: torch.Tensor, medium_index: float, index_bounds=None, chunk_voxels: int = 1 << 21):
+    """n_e, n_o [Z, Y, X] and director [3, Z, Y, X] of the tensor contrast ``delta`` [6, Z, Y, X]
+    (``Delta = 2 n_m (N - n_m I)``, N the index tensor), eigen-decomposed in chunks."""
+    shape = delta.shape[1:]
+    flat = delta.reshape(6, -1)
+    ne = torch.empty(flat.shape[1], dtype=torch.float32, device=delta.device)
+    no = torch.empty_like(ne)
+    director = torch.empty(3, flat.shape[1], dtype=torch.float32, device=delta.device)
+    for s in range(0, flat.shape[1], chunk_voxels):
+        largest, smallest, vector = symmetric_eigen(flat[:, s:s + chunk_voxels].double())
+        ne[s:s + chunk_voxels] = (medium_index + largest / (2 * medium_index)).float()
+        no[s:s + chunk_voxels] = (medium_index + smallest / (2 * medium_index)).float()
+        director[:, s:s + chunk_voxels] = vector.float()
+    if index_bounds is not None:
+        ne, no = ne.clamp(*index_bounds), no.clamp(*index_bounds)
+    return ne.reshape(shape), no.reshape(shape), director.reshape(3, *shape)
+
+
+def _to_matrix(t6: torch.Tensor) -> torch.Tensor:
+    xx, yy, zz, xy, xz, yz = t6
+    return torch.stack([torch.stack([xx, xy, xz], -1), torch.stack([xy, yy, yz], -1),
+                        torch.stack([xz, yz, zz], -1)], -2)
+
+
+def project_eigenvalues(delta: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    """Nearest (Frobenius) tensor field [6, ...] whose eigenvalues lie in [low, high]: eigenvalues
+    outside are clamped, eigenvectors kept. Only voxels that break a bound are decomposed."""
+    flat = delta.reshape(6, -1)
+    largest, smallest, _ = symmetric_eigen(flat)
+    bad = torch.zeros_like(largest, dtype=torch.bool)
+    if low is not None:
+        bad |= smallest < low
+    if high is not None:
+        bad |= largest > high
+    if not bool(bad.any()):
+        return delta
+    values, vectors = torch.linalg.eigh(_to_matrix(flat[:, bad]).double())
+    values = values.clamp(min=low, max=high)
+    m = (vectors * values[:, None, :]) @ vectors.transpose(1, 2)
+    out = flat.clone()
+    out[:, bad] = torch.stack([m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2]]).to(flat.dtype)
+    return out.reshape(delta.shape)
+
+
+def _constraint_loop(plan: FourierPlan, solution, rhs, inverse, normal, options: FormulaOptions,
+                     medium_index: float) -> torch.Tensor:
+    """Gerchberg-Papoulis iterations for the missing cone. Alternates (a) real space: the tensor
+    lives on the volume grid only (the medium outside it) and, with ``index_bounds``, its principal
+    indices are clamped into them; (b) frequency space: at the measured frequencies the tensor is
+    moved back onto its data (a relaxed projection ``x += G (A^T b - A^T A x)``), elsewhere it keeps
+    what the constraints filled in. Returns the dense frequency box."""
+    low = high = None
+    if options.index_bounds is not None:
+        low, high = (2 * medium_index * (n - medium_index) for n in options.index_bounds)
+    normal = normal.to(torch.complex64)
+    inverse = inverse.to(torch.complex64)
+    box = plan.to_dense(solution)
+    for _ in range(options.constraint_iterations):
+        delta = plan.to_volume(box)
+        if low is not None:
+            delta = project_eigenvalues(delta, low, high)
+        box = plan.from_volume(delta)
+        x = plan.to_compact(box)
+        residual = rhs - torch.einsum("nij,nj->ni", normal, x)
+        x = x + torch.einsum("nij,nj->ni", inverse, residual)
+        box.reshape(6, -1)[:, plan.box_index] = x.T
+    return box
