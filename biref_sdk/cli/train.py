@@ -16,6 +16,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=int, default=50, help="total epochs (default 50, the paper's)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
+                   help="learning-rate schedule: constant (the paper) or cosine decay to 1%% over --epochs")
     p.add_argument("--batch-size", type=int, default=2, help="samples per step and process (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         raise ValueError("--lr must be positive")
-    config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+    config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                          q_weight=args.q_weight, width=args.width, window_length=args.window_length,
                          input_mode=args.input_mode, num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)

@@ -43,6 +43,8 @@ class TrainConfig:
 
     epochs: int = 50
     learning_rate: float = 1e-4
+    # "constant" (the paper) or "cosine": the rate decays to 1 % over ``epochs``, set per epoch
+    schedule: str = "constant"
     batch_size: int = 2
     seed: int = 0
     # weight of the Q-tensor (director) MSE next to the n_e and n_o MSEs
@@ -72,6 +74,16 @@ def losses(outputs, batch, config: NetworkConfig, q_weight: float) -> dict[str, 
               "q": torch.mean((q.float() - batch["q"]) ** 2)}
     result["total"] = result["ne"] + result["no"] + q_weight * result["q"]
     return result
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The rate of ``epoch`` (1-based); a function of the epoch alone, so resuming needs no state."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "cosine":
+        progress = (epoch - 1) / max(config.epochs - 1, 1)
+        return config.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown schedule {config.schedule!r}: constant or cosine")
 
 
 # -- distributed helpers -------------------------------------------------------------------------
@@ -247,6 +259,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         config = dataclasses.replace(saved, epochs=config.epochs, num_workers=config.num_workers,
                                      threads=config.threads)
         net_config = NetworkConfig.from_dict(checkpoint["network_config"])
+    learning_rate(config, 1)  # validates the schedule before any work
     _seed_everything(config.seed + dist_info.rank)
 
     with Dataset(data) as handle:
@@ -296,6 +309,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
 
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
@@ -325,7 +340,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         train_metrics = {name: totals[i].item() / max(totals[-1].item(), 1.0)
                          for i, name in enumerate(("loss_ne", "loss_no", "loss_q", "loss"))}
         val_metrics = validate(network, val_set, device, dist_info, config.q_weight, progress=progress)
-        record = {"epoch": epoch, "train": train_metrics, "val": val_metrics,
+        record = {"epoch": epoch, "train": train_metrics, "val": val_metrics, "lr": learning_rate(config, epoch),
                   "seconds": time.perf_counter() - started, "world_size": dist_info.world_size}
         history.append(record)
         score = 0.5 * (val_metrics["psnr_ne"] + val_metrics["psnr_no"])
