@@ -7,7 +7,6 @@ the right slot, exactly once, and from the right acquisition.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
@@ -87,18 +86,24 @@ class Collector:
     """Thread-safe sink for service callbacks, with deadline-bounded waits."""
 
     def __init__(self) -> None:
-        self.items: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._unclaimed: list = []
         self.volumes: list = []
         self.errors: list = []
         self.statuses: list = []
 
+    def _add(self, kind, value) -> None:
+        with self._cond:
+            self._unclaimed.append((kind, value))
+            self._cond.notify_all()
+
     def on_volume(self, result) -> None:
         self.volumes.append(result)
-        self.items.put(("volume", result))
+        self._add("volume", result)
 
     def on_error(self, error) -> None:
         self.errors.append(error)
-        self.items.put(("error", error))
+        self._add("error", error)
 
     def on_status(self, status) -> None:
         self.statuses.append(status)
@@ -107,18 +112,18 @@ class Collector:
         return dict(on_volume=self.on_volume, on_error=self.on_error, on_status=self.on_status)
 
     def wait(self, predicate, timeout_s: float = DEADLINE_S):
-        """The first callback item (kind, value) satisfying ``predicate``; others are kept in the lists."""
+        """Claim the first callback item (kind, value), earlier or yet to come, satisfying ``predicate``."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no matching callback before the deadline")
-            try:
-                item = self.items.get(timeout=remaining)
-            except queue.Empty:
-                raise TimeoutError("no matching callback before the deadline") from None
-            if predicate(*item):
-                return item[1]
+        with self._cond:
+            while True:
+                for i, item in enumerate(self._unclaimed):
+                    if predicate(*item):
+                        del self._unclaimed[i]
+                        return item[1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no matching callback before the deadline")
+                self._cond.wait(remaining)
 
     def wait_volume(self, acquisition_id: str, timeout_s: float = DEADLINE_S):
         return self.wait(lambda kind, v: kind == "volume" and v.acquisition_id == acquisition_id, timeout_s)
