@@ -12,7 +12,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="formula", choices=("formula", "model"),
                    help="reconstruction engine (default formula)")
     p.add_argument("--model", help="model file for --method model")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (model engine)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 
 def make_reconstructor(args: argparse.Namespace):
@@ -24,7 +24,7 @@ def make_reconstructor(args: argparse.Namespace):
         return get_reconstructor("model", model=args.model, device=args.device)
     if args.model:
         raise ValueError("--model applies only to --method model")
-    return get_reconstructor(args.method)
+    return get_reconstructor(args.method, device=args.device)
 
 
 def add_curve_server_arguments(p: argparse.ArgumentParser) -> None:
