@@ -66,6 +66,8 @@ def slices_figure(volume: Volume, path, title: str | None = None, truth: Volume 
                 ax.set_ylabel(f"{name[1]} (µm)", fontsize=8)
                 if index_name == "n_e":
                     _director_lines(ax, d_h, d_v, ne - no, width, height, line_step)
+                    ax.set_xlim(lo, width)  # the lines must not widen the axes
+                    ax.set_ylim(lo, height)
     fig.colorbar(image, ax=axes, shrink=0.6, label="refractive index")
     if title:
         fig.suptitle(title)
