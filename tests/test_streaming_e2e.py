@@ -4,11 +4,9 @@ acquisition; then the same through the command-line programs, and `biref demo`."
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from biref_sdk.streaming.client import Producer, Subscriber
 from biref_sdk.streaming.microscope import SimulatedMicroscope
 from biref_sdk.streaming.server import StreamingServer
 from biref_sdk.streaming.service import ServiceConfig
-from test_streaming_support import wait_until
+from test_streaming_support import Lines, wait_until
 
 DEADLINE_S = 120.0   # generous: the formula engine shares two busy cores with everything else
 
@@ -67,26 +65,6 @@ def test_streamed_volume_equals_the_offline_reconstruction(microscope, offline):
     assert status["rejected_messages"] == 0 and status["volumes"] == 2
 
 
-class Lines:
-    """A subprocess's output lines, read by a thread so that every wait has a deadline."""
-
-    def __init__(self, stream) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self.all: list[str] = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self.queue.put(line.rstrip("\n"))
-
-    def next_starting(self, prefix: str, timeout_s: float = DEADLINE_S) -> str:
-        while True:
-            line = self.queue.get(timeout=timeout_s)
-            self.all.append(line)
-            if line.startswith(prefix):
-                return line
-
-
 def biref(*args):
     return [sys.executable, "-m", "biref_sdk", *args]
 
@@ -98,8 +76,8 @@ def test_serve_and_microscope_sim_commands_with_a_subscriber(tmp_path, offline):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out = Lines(serve.stdout)
-        ingest = out.next_starting("ingest ").split()[1]
-        results = out.next_starting("results ").split()[1]
+        ingest = out.next_starting("ingest ", DEADLINE_S).split()[1]
+        results = out.next_starting("results ", DEADLINE_S).split()[1]
         with Subscriber(results, topics=("volume", "error")) as subscriber:
             subscriber.wait_ready(DEADLINE_S)
             sim = subprocess.run(biref("microscope-sim", "--preset", "small", "--n", "1", "--seed", "0",
@@ -109,7 +87,7 @@ def test_serve_and_microscope_sim_commands_with_a_subscriber(tmp_path, offline):
             assert "sent sim-0-0: 74 views" in sim.stdout
             result = subscriber.wait_volume("sim-0-0", DEADLINE_S)
         assert_same_volume(result.volume, offline)
-        assert out.next_starting("volume sim-0-0").endswith("after the last view")
+        assert out.next_starting("volume sim-0-0", DEADLINE_S).endswith("after the last view")
         saved = tmp_path / "volumes" / "sim-0-0.h5"
         wait_until(saved.exists, DEADLINE_S)
         np.testing.assert_array_equal(read_volume(saved).ne, result.volume.ne)

@@ -303,3 +303,21 @@ def test_close_fails_what_is_in_flight_and_refuses_more():
     with pytest.raises(ServiceClosed):
         handle.add_view(0, 0, np.zeros((32, 32), np.uint16))
     assert collector.statuses[-1]["errors"] == {"shutdown": 1}
+
+
+def test_previews_while_views_arrive():
+    previews = []
+    acquisition = random_acquisition(GEOMETRY, seed=8)
+    config = ServiceConfig(status_interval_s=0.05, preview_every=2)
+    with AcquisitionService(ViewMeanReconstructor(), config, on_preview=previews.append) as service:
+        handle = service.open("a", GEOMETRY, background=acquisition.background)
+        stream(handle, acquisition)
+        final = handle.result(DEADLINE_S)
+    # after views 2 and 4 (the 6th completes the acquisition: a volume, not a preview)
+    assert [p.views_used for p in previews] == [2, 4]
+    assert all(p.preview and not p.complete and p.incomplete_reason == "preview" for p in previews)
+    present = np.zeros((2, 3), bool)
+    present[0, :2] = True
+    np.testing.assert_allclose(streamed_means(previews[0].volume, GEOMETRY), expected_view_means(acquisition, present),
+                               rtol=1e-6)
+    assert final.complete

@@ -7,6 +7,7 @@ the right slot, exactly once, and from the right acquisition.
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -139,3 +140,23 @@ def wait_until(condition, timeout_s: float = DEADLINE_S, poll_s: float = 0.01) -
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met before the deadline")
         threading.Event().wait(poll_s)
+
+
+class Lines:
+    """A subprocess's output lines, read by a thread so that every wait has a deadline."""
+
+    def __init__(self, stream) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.all: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.queue.put(line.rstrip("\n"))
+
+    def next_starting(self, prefix: str, timeout_s: float = DEADLINE_S) -> str:
+        while True:
+            line = self.queue.get(timeout=timeout_s)
+            self.all.append(line)
+            if line.startswith(prefix):
+                return line

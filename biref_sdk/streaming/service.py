@@ -380,7 +380,7 @@ class AcquisitionService:
         }
         for name in ("messages_received", "bytes_received", "views_accepted", "background_frames_accepted",
                      "out_of_order_views", "acquisitions_started", "volumes", "partial_volumes", "previews",
-                     "callback_errors", "stops_after_volume"):
+                     "callback_errors", "stops_after_volume", "ingest_waits"):
             status[name] = counters.pop(name, 0)
         status.update(counters)
         if self._status_extra is not None:
