@@ -91,6 +91,27 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_data, tmp_path, capsy
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_init_starts_from_a_model_file_and_records_it(tiny_data, tmp_path):
+    train, val = tiny_data
+    common = ["--data", str(train), "--val", str(val), "--lr", "1e-3", *TRAIN_ARGS]
+    assert biref(["train", *common, "--out", str(tmp_path / "first"), "--epochs", "1"]) == 0
+    first = load_model(tmp_path / "first" / "last.h5")
+    # zero epochs of training: the new run's model must be the initial one, exactly
+    from biref_sdk.training import TrainConfig, train as train_fn
+
+    config = TrainConfig(epochs=1, learning_rate=1e-12, width="small", window_length=2, threads=1)
+    train_fn(train, val, tmp_path / "second", config, progress=False, log=lambda *a: None,
+             init=tmp_path / "first" / "last.h5")
+    second = load_model(tmp_path / "second" / "last.h5")
+    assert second.config == first.config  # taken from the model file, not from --width
+    assert second.metadata["initialised_from"]["sha256"] == first.sha256
+    for name, value in first.network.state_dict().items():
+        if value.dtype.is_floating_point and "running" not in name:
+            torch.testing.assert_close(second.network.state_dict()[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    assert biref(["train", *common, "--out", str(tmp_path / "second"), "--resume",
+                  "--init", str(tmp_path / "first" / "last.h5")]) == 1
+
+
 def test_training_reduces_the_loss(tiny_data, tmp_path):
     from biref_sdk.training import TrainConfig, train
 

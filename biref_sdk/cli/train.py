@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="samples per step and process (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init", metavar="MODEL.h5", help="start a new run from this model file's weights and network "
+                                                      "configuration (fine-tune; continue a shipped model)")
     p.add_argument("--width", default="small", choices=("tiny", "small", "paper"), help="channel widths")
     p.add_argument("--window-length", type=int, default=3, help="views averaged into one sequence step")
     p.add_argument("--input-mode", default="field", choices=("field", "hologram"),
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                          input_mode=args.input_mode, num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, init=args.init)
     if history:
         last = history[-1]["val"]
         print(f"done: epoch {history[-1]['epoch']}, val PSNR ne {last['psnr_ne']:.2f} dB / no "

@@ -224,11 +224,14 @@ def plot_history(history: list[dict], path) -> None:
 
 # -- training -------------------------------------------------------------------------------------
 def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = False, device: str | None = None,
-          progress: bool = True, log=print) -> list[dict]:
+          progress: bool = True, log=print, init=None) -> list[dict]:
     """Train on data set file ``data``, validate on ``val`` each epoch, write into folder ``out``.
 
     With ``resume`` the state in ``out/checkpoint.pt`` is restored and training continues at the
-    next epoch (with the same configuration; ``epochs`` may be raised). Returns the history.
+    next epoch (with the same configuration; ``epochs`` may be raised). With ``init`` (a model
+    file) a new run starts from that model's weights and network configuration (fine-tuning, or
+    continuing a shipped model's training in a later session: the optimizer starts afresh).
+    Returns the history.
     """
     from tqdm.auto import tqdm
 
@@ -259,12 +262,22 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         config = dataclasses.replace(saved, epochs=config.epochs, num_workers=config.num_workers,
                                      threads=config.threads)
         net_config = NetworkConfig.from_dict(checkpoint["network_config"])
+    initial = None
+    if init is not None:
+        if checkpoint is not None:
+            raise ValueError("--init starts a new run; --resume continues one: give only one")
+        from ..network.io import load_model
+
+        initial = load_model(init)
     learning_rate(config, 1)  # validates the schedule before any work
     _seed_everything(config.seed + dist_info.rank)
 
     with Dataset(data) as handle:
         geometry = handle.geometry
-    if checkpoint is None:
+    if initial is not None:
+        check_geometry(initial.geometry, geometry)
+        net_config = initial.config
+    elif checkpoint is None:
         net_config = config_for_geometry(geometry, config.width, window_length=config.window_length,
                                          input_mode=config.input_mode)
     train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit)
@@ -279,6 +292,9 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     history: list[dict] = []
     start_epoch = 1
     best = -math.inf
+    if initial is not None:
+        network.load_state_dict(initial.network.state_dict())
+        log(f"initialised from {init} (sha256 {initial.sha256[:12]})")
     if checkpoint is not None:
         network.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -306,6 +322,11 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         f"{net_config.window_length} views; latent {net_config.latent_shape}")
     metadata_base = {"train_config": config.to_dict(), "train_data": str(data), "val_data": str(val),
                      "parameters": n_parameters}
+    if initial is not None:
+        metadata_base["initialised_from"] = {"path": str(init), "sha256": initial.sha256,
+                                             "metadata": initial.metadata}
+    elif checkpoint is not None and checkpoint.get("initialised_from"):
+        metadata_base["initialised_from"] = checkpoint["initialised_from"]
 
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
@@ -355,7 +376,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
                                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                 "history": history, "best": best, "rng": _rng_state(),
                                 "train_config": config.to_dict(), "network_config": net_config.to_dict(),
-                                "world_size": dist_info.world_size}, checkpoint_path)
+                                "world_size": dist_info.world_size,
+                                "initialised_from": metadata_base.get("initialised_from")}, checkpoint_path)
             (out / "history.json").write_text(json.dumps(history, indent=1))
             plot_history(history, out / "loss_curve.png")
         log(f"epoch {epoch}: train loss {train_metrics['loss']:.4g} (ne {train_metrics['loss_ne']:.3g}, "
