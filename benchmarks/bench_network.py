@@ -11,17 +11,18 @@ the raw timings as JSON.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from biref_sdk.geometry import preset
 from biref_sdk.network import BirefNet, InputPreprocessor, config_for_geometry
+
+from _common import save_json  # benchmarks/ is on the path when run as a script
 
 SIZES = {
     "small": lambda: (preset("small"), config_for_geometry(preset("small"), "small")),
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/network.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     results = []
     for size in args.sizes:
         results.append(bench(size, args.repeats))
@@ -85,11 +87,8 @@ def main() -> None:
         print(f"{r['size']:6} {r['parameters']:>11,} {r['sequence_length']:>3} {med['preprocess_view_s']:>11.4f} "
               f"{med['encode_window_s']:>9.4f} {med['gru_step_s']:>8.4f} {med['finalize_s']:>10.3f} "
               f"{med['forward_s']:>9.3f}")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
-                                "machine": platform.machine(), "results": results}, indent=1))
-    print(f"saved {path}")
+    path = save_json(args.json, {"arguments": vars(args), "results": results}, load_before)
+    print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}; saved {path}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ Prints a table of medians and saves the raw timings as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import os
 import statistics
 import time
 
@@ -17,6 +16,8 @@ import torch
 
 from biref_sdk.geometry import preset
 from biref_sdk.simulate import Simulator
+
+from _common import save_json  # benchmarks/ is on the path when run as a script
 
 
 def time_sample(simulator: Simulator, seed: int, device: str) -> dict:
@@ -49,10 +50,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = {"device": args.device, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-               "processor": platform.processor(), "torch": torch.__version__, "presets": {}}
-    if args.device.startswith("cuda"):
-        results["gpu"] = torch.cuda.get_device_name()
+    load_before = os.getloadavg()
+    results = {"device": args.device, "arguments": vars(args), "presets": {}}
     for name in args.presets:
         simulator = Simulator(preset(name), device=args.device)
         time_sample(simulator, 999, args.device)  # warm-up: kernels, allocator, caches
@@ -60,16 +59,13 @@ def main() -> None:
         runs = [time_sample(simulator, seed, args.device) for seed in range(repeats)]
         results["presets"][name] = {"runs": runs, **{f"median_{k}": statistics.median(r[k] for r in runs)
                                                       for k in ("sample_s", "frames_s", "truth_s", "total_s")}}
-    print(f"device {args.device}, torch threads {results['torch_threads']}")
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}")
     print(f"{'preset':8s} {'n':>3s} {'tensor s':>9s} {'fields+camera s':>16s} {'truth s':>8s} {'total s/sample':>15s}")
     for name, r in results["presets"].items():
         print(f"{name:8s} {len(r['runs']):3d} {r['median_sample_s']:9.3f} {r['median_frames_s']:16.3f} "
               f"{r['median_truth_s']:8.3f} {r['median_total_s']:15.3f}")
-    import pathlib
-
-    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"saved {args.json}")
+    path = save_json(args.json, results, load_before)
+    print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}; saved {path}")
 
 
 if __name__ == "__main__":

@@ -30,17 +30,17 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from biref_sdk.files import Acquisition, Volume
 from biref_sdk.geometry import preset
 from biref_sdk.reconstruction.base import ReconstructionSession, Reconstructor
+
+from _common import save_json  # benchmarks/ is on the path when run as a script
 
 MB = 1e6
 
@@ -234,21 +234,6 @@ def bench_latency(n_acquisitions: int, rate: float | None, threads: int, acquisi
             "service_torch_threads": report["torch_threads"]}
 
 
-def _code_version() -> dict | None:
-    """The commit measured and the SDK files that differed from it (numbers of a dirty tree are
-    not those of the commit)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        changed = subprocess.run(["git", "status", "--porcelain", "--", "biref_sdk"], cwd=root, capture_output=True,
-                                 text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": commit.stdout.strip(), "modified_sdk_files": [line[3:] for line in changed.stdout.splitlines()]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--acquisitions", type=int, default=20, help="512x512 acquisitions in the ingest run")
@@ -294,14 +279,8 @@ def main() -> None:
                                      "met": latency[0]["service_latency_ms"]["p50"] <= 100}
     print("goals: " + "; ".join(f"{name} {g['measured']:.0f} (goal {g['goal']}): {'met' if g['met'] else 'MISSED'}"
                                 for name, g in goals.items()))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                            "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-                                "code": _code_version(), "arguments": vars(args), "goals": goals, "ingest": ingest,
-                                "latency": latency},
-                               indent=2))
+    path = save_json(args.json, {"arguments": vars(args), "goals": goals, "ingest": ingest, "latency": latency},
+                     load_before)
     print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}; wrote {path}")
 
 

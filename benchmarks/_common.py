@@ -1,0 +1,47 @@
+"""What every benchmark records next to its numbers: the machine, its load, the code measured.
+
+These machines are shared and noisy, so a number without the load average it was taken under,
+or without the commit (and the SDK files that differed from it), cannot be compared later.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> dict | None:
+    """The commit measured and the SDK files that differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "biref_sdk"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit.stdout.strip(), "modified_sdk_files": [line[3:] for line in changed.stdout.splitlines()]}
+
+
+def machine(load_before=None) -> dict:
+    """Platform, CPUs, thread settings, torch build and CUDA device, load average."""
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_after": os.getloadavg()}
+    if load_before is not None:
+        info["load_average_before"] = load_before
+    return info
+
+
+def save_json(path, results: dict, load_before=None) -> Path:
+    """Write ``results`` with the machine and code records; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(load_before), "code": code_version(), **results}, indent=2))
+    return path
