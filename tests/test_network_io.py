@@ -115,6 +115,7 @@ def test_session_with_missing_views(model_file):
     assert volume.no.min() >= loaded.config.index_min and volume.ne.max() <= loaded.config.index_max
 
 
-def test_reconstructor_without_a_model_raises():
-    with pytest.raises(ValueError, match="model file"):
-        ModelReconstructor(None)
+def test_reconstructor_without_a_model_uses_the_shipped_one():
+    from biref_sdk.network.io import shipped_model_path
+
+    assert ModelReconstructor(None).model.path == str(shipped_model_path())

@@ -36,7 +36,7 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool) -> None:
                             "(default formula)")
     else:
         p.add_argument("--method", default="formula", help="reconstruction method: formula or model (default formula)")
-    p.add_argument("--model", help="model file for --method model")
+    p.add_argument("--model", help="model file for --method model (default: the shipped trained_models/biref_small.h5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="a method option, e.g. formula.constraint_iterations=10 or "
@@ -53,9 +53,7 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
     for method in methods:
         kwargs = dict(options[method])
         kwargs.setdefault("device", args.device)
-        if method == "model":
-            if not args.model:
-                raise ValueError("--method model needs --model PATH")
+        if method == "model" and args.model:
             kwargs.setdefault("model", args.model)
         built[method] = get_reconstructor(method, **kwargs)
     return built

@@ -11,7 +11,7 @@ from pathlib import Path
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="formula", choices=("formula", "model"),
                    help="reconstruction engine (default formula)")
-    p.add_argument("--model", help="model file for --method model")
+    p.add_argument("--model", help="model file for --method model (default: the shipped trained_models/biref_small.h5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 
@@ -19,8 +19,6 @@ def make_reconstructor(args: argparse.Namespace):
     from ..reconstruction import get_reconstructor
 
     if args.method == "model":
-        if not args.model:
-            raise ValueError("--method model needs --model PATH")
         return get_reconstructor("model", model=args.model, device=args.device)
     if args.model:
         raise ValueError("--model applies only to --method model")

@@ -38,6 +38,19 @@ from .model import BirefNet
 MODEL_FORMAT_VERSION = 1
 
 
+# trained_models/ of the source tree (a checkout or an editable install; wheels do not carry it)
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "trained_models"
+
+
+def shipped_model_path(name: str = "biref_small") -> Path:
+    """The model file ``trained_models/<name>.h5`` shipped with the SDK's source tree."""
+    path = SHIPPED_MODELS_DIR / f"{name}.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped model {name!r} at {path} (installed without trained_models/?): "
+                                "give a model file (--model PATH)")
+    return path
+
+
 class ModelFileError(ValueError):
     """A model file is missing pieces, corrupt (checksum mismatch) or of an unknown version."""
 

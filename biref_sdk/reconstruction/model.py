@@ -98,8 +98,9 @@ class ModelReconstructor(Reconstructor):
 
     name = "model"
 
-    def __init__(self, model, device: str = "cpu", threads: int | None = None) -> None:
-        from ..network.io import LoadedModel, load_model
+    def __init__(self, model=None, device: str = "cpu", threads: int | None = None) -> None:
+        """``model``: a model file, a loaded model, or None for the shipped ``small`` model."""
+        from ..network.io import LoadedModel, load_model, shipped_model_path
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -107,7 +108,7 @@ class ModelReconstructor(Reconstructor):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda requested but CUDA is not available")
         if model is None:
-            raise ValueError("the model method needs a model file (--model PATH)")
+            model = shipped_model_path()
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.network.to(self.device).eval()
 
