@@ -3,12 +3,56 @@
 ``torch.linalg.eigh`` on millions of 3x3 matrices is slow on CPU; the trigonometric solution of
 the characteristic cubic (Smith 1961) plus a cross-product eigenvector is a few elementwise
 passes. Components are in the order (xx, yy, zz, xy, xz, yz), as ``biref_sdk.samples.tensor``.
+Everything is written component by component: reductions over a short leading axis
+(``vector_norm(dim=...)``, ``argmax``, ``gather``) are an order of magnitude slower on CPU.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+
+def _eigenvalues(t6: torch.Tensor, isotropic_tol: float):
+    """(largest, middle, smallest, isotropic mask, p) of ``t6`` [6, ...]; ``p`` is the RMS
+    deviation of the eigenvalues from their mean (the scale of the anisotropy)."""
+    xx, yy, zz, xy, xz, yz = t6
+    q = (xx + yy + zz) / 3
+    a, b, c = xx - q, yy - q, zz - q
+    p = torch.sqrt((a * a + b * b + c * c + 2 * (xy * xy + xz * xz + yz * yz)) / 6)
+    isotropic = p <= isotropic_tol * torch.clamp(t6.abs().amax(0), min=torch.finfo(t6.dtype).tiny)
+    safe_p = torch.where(isotropic, torch.ones_like(p), p)
+    # det((A - qI) / p) / 2 = cos(3 phi)
+    det = (a * (b * c - yz * yz) - xy * (xy * c - yz * xz) + xz * (xy * yz - b * xz)) / safe_p**3
+    phi = torch.arccos(torch.clamp(det / 2, -1.0, 1.0)) / 3
+    largest = torch.where(isotropic, q, q + 2 * p * torch.cos(phi))
+    smallest = torch.where(isotropic, q, q + 2 * p * torch.cos(phi + 2 * math.pi / 3))
+    middle = 3 * q - largest - smallest
+    return largest, middle, smallest, isotropic, p
+
+
+def _null_vector(t6: torch.Tensor, lam: torch.Tensor):
+    """Unit eigenvector [3, ...] of ``lam`` (the best-conditioned cross product of two rows of
+    ``A - lam I``) and that cross product's norm (small where ``lam`` is degenerate)."""
+    xx, yy, zz, xy, xz, yz = t6
+    r0 = (xx - lam, xy, xz)
+    r1 = (xy, yy - lam, yz)
+    r2 = (xz, yz, zz - lam)
+
+    def cross(u, v):
+        return (u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0])
+
+    best = cross(r0, r1)
+    best_n2 = best[0] ** 2 + best[1] ** 2 + best[2] ** 2
+    for u, v in ((r0, r2), (r1, r2)):
+        candidate = cross(u, v)
+        n2 = candidate[0] ** 2 + candidate[1] ** 2 + candidate[2] ** 2
+        better = n2 > best_n2
+        best = tuple(torch.where(better, c, b) for c, b in zip(candidate, best))
+        best_n2 = torch.where(better, n2, best_n2)
+    norm = torch.sqrt(best_n2)
+    inv = 1.0 / torch.clamp(norm, min=torch.finfo(t6.dtype).tiny)
+    return torch.stack([c * inv for c in best]), norm
 
 
 def symmetric_eigen(t6: torch.Tensor, isotropic_tol: float = 1e-12):
@@ -18,39 +62,44 @@ def symmetric_eigen(t6: torch.Tensor, isotropic_tol: float = 1e-12):
     eigenvalue is (numerically) degenerate or the matrix is isotropic (spread below
     ``isotropic_tol`` times the largest absolute entry).
     """
-    xx, yy, zz, xy, xz, yz = t6
-    q = (xx + yy + zz) / 3
-    a, b, c = xx - q, yy - q, zz - q
-    p1 = xy * xy + xz * xz + yz * yz
-    p2 = a * a + b * b + c * c + 2 * p1
-    p = torch.sqrt(p2 / 6)
-    scale = t6.abs().amax(0)
-    isotropic = p <= isotropic_tol * torch.clamp(scale, min=torch.finfo(t6.dtype).tiny)
-    safe_p = torch.where(isotropic, torch.ones_like(p), p)
-    # det((A - qI) / p) / 2 = cos(3 phi)
-    det = (a * (b * c - yz * yz) - xy * (xy * c - yz * xz) + xz * (xy * yz - b * xz)) / safe_p**3
-    r = torch.clamp(det / 2, -1.0, 1.0)
-    phi = torch.arccos(r) / 3
-    largest = q + 2 * p * torch.cos(phi)
-    smallest = q + 2 * p * torch.cos(phi + 2 * math.pi / 3)
-
-    # eigenvector of the largest: the null space of A - largest*I is along the cross product of
-    # two of its rows; the pair with the largest cross product is the best conditioned
-    lam = largest
-    r0 = torch.stack([xx - lam, xy, xz])
-    r1 = torch.stack([xy, yy - lam, yz])
-    r2 = torch.stack([xz, yz, zz - lam])
-    crosses = torch.stack([torch.linalg.cross(r0, r1, dim=0), torch.linalg.cross(r0, r2, dim=0),
-                           torch.linalg.cross(r1, r2, dim=0)])  # [3, 3, ...]
-    norms = torch.linalg.vector_norm(crosses, dim=1)  # [3, ...]
-    best = norms.argmax(0, keepdim=True)  # [1, ...]
-    vector = torch.gather(crosses, 0, best[:, None].expand(1, 3, *best.shape[1:]))[0]
-    norm = torch.gather(norms, 0, best)[0]
+    largest, _, smallest, isotropic, p = _eigenvalues(t6, isotropic_tol)
+    vector, norm = _null_vector(t6, largest)
     degenerate = isotropic | (norm <= 1e-12 * torch.clamp(p * p, min=torch.finfo(t6.dtype).tiny))
-    vector = vector / torch.clamp(norm, min=torch.finfo(t6.dtype).tiny)
     z_hat = torch.zeros_like(vector)
     z_hat[2] = 1.0
-    vector = torch.where(degenerate[None], z_hat, vector)
-    largest = torch.where(isotropic, q, largest)
-    smallest = torch.where(isotropic, q, smallest)
-    return largest, smallest, vector
+    return largest, smallest, torch.where(degenerate[None], z_hat, vector)
+
+
+def _any_perpendicular(v: torch.Tensor) -> torch.Tensor:
+    """A unit vector perpendicular to unit vectors ``v`` [3, ...]."""
+    use_x = v[0].abs() < 0.9  # cross with x^ unless v is close to it, then with y^
+    zero = torch.zeros_like(v[0])
+    w = torch.stack([torch.where(use_x, zero, -v[2]), torch.where(use_x, v[2], zero),
+                     torch.where(use_x, -v[1], v[0])])
+    return w / torch.sqrt(w[0] ** 2 + w[1] ** 2 + w[2] ** 2)
+
+
+def symmetric_eigen_full(t6: torch.Tensor, isotropic_tol: float = 1e-12):
+    """All eigenvalues (ascending, [3, ...]) and an orthonormal eigenvector basis ([3(which),
+    3(x, y, z), ...], matching the values) of symmetric matrices ``t6`` [6, ...], in closed form.
+
+    The eigenvector of the better separated extreme eigenvalue is computed first (its cross
+    product is the best conditioned); the other extreme one is made perpendicular to it (any
+    perpendicular vector where the two remaining eigenvalues are degenerate) and the middle one
+    completes the right-handed basis. Isotropic matrices get the identity basis.
+    """
+    largest, middle, smallest, isotropic, _ = _eigenvalues(t6, isotropic_tol)
+    top_first = (largest - middle) >= (middle - smallest)
+    first, _ = _null_vector(t6, torch.where(top_first, largest, smallest))
+    second, _ = _null_vector(t6, torch.where(top_first, smallest, largest))
+    z_hat = torch.zeros_like(first)
+    z_hat[2] = 1.0
+    first = torch.where(isotropic[None], z_hat, first)
+    second = second - (second * first).sum(0, keepdim=True) * first
+    norm = torch.sqrt(second[0] ** 2 + second[1] ** 2 + second[2] ** 2)
+    second = torch.where((norm > 1e-6)[None], second / torch.clamp(norm, min=torch.finfo(t6.dtype).tiny),
+                         _any_perpendicular(first))
+    v_max = torch.where(top_first[None], first, second)
+    v_min = torch.where(top_first[None], second, first)
+    v_mid = torch.linalg.cross(v_max, v_min, dim=0)
+    return torch.stack([smallest, middle, largest]), torch.stack([v_min, v_mid, v_max])

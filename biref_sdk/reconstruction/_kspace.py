@@ -132,8 +132,15 @@ class FourierPlan:
         all_ids = np.concatenate([np.concatenate([box_index(v[3], v[2], v[1]), box_index(-v[3], -v[2], -v[1])])
                                   for v in per_view])
         unique, inverse = np.unique(all_ids, return_inverse=True)
-        self.box_index = torch.as_tensor(unique, device=self.device)
         self.n_voxels = len(unique)
+        # a real tensor field's spectrum is Hermitian: the kx >= 0 half box [Bz, By, Mx + 1] holds it
+        # all, and the compact voxels in it (``half_compact``) carry every independent datum
+        iz, iy, ix = np.unravel_index(unique, self.box_shape)
+        in_half = ix >= Mx
+        self.half_shape = (Bz, By, Mx + 1)
+        self.half_compact = torch.as_tensor(np.flatnonzero(in_half), device=self.device)
+        self.half_index = torch.as_tensor(np.ravel_multi_index((iz[in_half], iy[in_half], ix[in_half] - Mx),
+                                                               self.half_shape), device=self.device)
         self.views: list[ViewMapping] = []
         offset = 0
         for v, (flat, _, _, _, scale) in enumerate(per_view):
@@ -146,6 +153,10 @@ class FourierPlan:
                 scale=torch.as_tensor(scale, dtype=torch.complex64, device=self.device),
                 plus=torch.as_tensor(plus, device=self.device), minus=torch.as_tensor(minus, device=self.device),
                 rows=torch.as_tensor(weighted[v], dtype=torch.float32, device=self.device)))
+        _, dy, dx = g.voxel_size_m
+        # voxels at the camera pitch laterally: the volume grid is a subset of the camera grid, so
+        # real space <-> frequency box is a pair of pruned FFTs both ways (the constraint step)
+        self.camera_pitch = math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)
         self._regularizer = regularizer(regularization, isotropic_regularization)
         self._inverse_all: torch.Tensor | None = None
         self.regularization = (regularization, isotropic_regularization)
@@ -176,81 +187,99 @@ class FourierPlan:
         return inverse
 
     def to_dense(self, solution: torch.Tensor) -> torch.Tensor:
-        """Compact solution [n_voxels, 6] -> dense frequency box complex64 [6, Bz, By, Bx]."""
-        box = torch.zeros(6, int(np.prod(self.box_shape)), dtype=torch.complex64, device=solution.device)
-        box[:, self.box_index] = solution.T.to(torch.complex64)
-        return box.reshape(6, *self.box_shape)
+        """Compact solution [n_voxels, 6] -> dense half box complex64 [6, Bz, By, Mx + 1] (kx >= 0)."""
+        half = torch.zeros(6, int(np.prod(self.half_shape)), dtype=torch.complex64, device=solution.device)
+        half[:, self.half_index] = solution[self.half_compact].T.to(torch.complex64)
+        return half.reshape(6, *self.half_shape)
 
-    def to_compact(self, box: torch.Tensor) -> torch.Tensor:
-        return box.reshape(6, -1)[:, self.box_index].T
+    def to_compact(self, half: torch.Tensor) -> torch.Tensor:
+        """Dense half box [6, Bz, By, Mx + 1] -> its compact voxels [len(half_compact), 6]."""
+        return half.reshape(6, -1)[:, self.half_index].T
 
     # -- frequency box <-> volume grid ---------------------------------------------------------------
-    def _phase(self, m: torch.Tensor, period_m: float, origin_m: float) -> torch.Tensor:
-        return torch.exp(1j * (2 * math.pi / period_m * origin_m) * m.to(torch.float64)).to(torch.complex64)
+    # Axis by axis, each pruned to what is needed: z by a direct DFT (a [Z, Bz] matrix: only the
+    # box's Bz frequencies in and the volume's Z planes out of the N_z-periodic axis, cheaper than
+    # a zero-filled FFT), y by a zero-filled FFT over the camera's H, x by a real FFT over W. The
+    # origin phases of the three axes are applied once, on the smallest array.
+    def _lateral_phase(self, dev, y0_m: float, x0_m: float) -> torch.Tensor:
+        """exp(i (k_y y0 + k_x x0)) over the kx >= 0 half box [By, Mx + 1]."""
+        g = self.geometry
+        H, W = g.hologram_shape
+        p = g.pixel_size_m
+        _, My, Mx = self.half_box
+        my = torch.arange(-My, My + 1, dtype=torch.float64)
+        mx = torch.arange(0, Mx + 1, dtype=torch.float64)
+        phase = 2 * math.pi * (my[:, None] * (y0_m / (H * p)) + mx[None, :] * (x0_m / (W * p)))
+        return torch.exp(1j * phase).to(torch.complex64).to(dev)
 
-    def to_volume(self, box: torch.Tensor, chunk: int = 1) -> torch.Tensor:
-        """Dense frequency box [C, Bz, By, Bx] (Hermitian: a real tensor field) -> real samples
-        float32 [C, Z, Y, X] on the volume grid (voxel centres of docs/formats.md)."""
+    def _z_transform(self, dev, inverse: bool) -> torch.Tensor:
+        """The z axis as a matrix: synthesis [Z, Bz] (frequency -> voxel planes, with the 1/N_z of
+        the inverse DFT) or analysis [Bz, Z] (voxel planes -> frequencies), origin at the volume
+        centre; both include the voxel volume factor ``dz p^2`` of the continuous transform."""
+        g = self.geometry
+        Z = g.volume_shape[0]
+        dz = g.voxel_size_m[0]
+        volume_m3 = dz * g.pixel_size_m**2
+        Mz = self.half_box[0]
+        m = torch.arange(-Mz, Mz + 1, dtype=torch.float64)
+        j = torch.arange(Z, dtype=torch.float64) - Z / 2
+        angle = 2 * math.pi * j[:, None] * m[None, :] / self.n_z  # [Z, Bz]
+        if inverse:
+            matrix = torch.exp(1j * angle) / (self.n_z * volume_m3)
+        else:
+            matrix = (torch.exp(-1j * angle) * volume_m3).T
+        return matrix.to(torch.complex64).to(dev)
+
+    def to_volume(self, half: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+        """Half box [C, Bz, By, Mx + 1] (kx >= 0) of a Hermitian spectrum (a real tensor field) ->
+        real samples float32 [C, Z, Y, X] on the volume grid (voxel centres of docs/formats.md)."""
         g = self.geometry
         H, W = g.hologram_shape
         Z, Y, X = g.volume_shape
-        dz, dy, dx = g.voxel_size_m
+        _, dy, dx = g.voxel_size_m
         p = g.pixel_size_m
         Mz, My, Mx = self.half_box
-        dev = box.device
-        mz = torch.arange(-Mz, Mz + 1, device=dev)
+        dev = half.device
         my = torch.arange(-My, My + 1, device=dev)
-        mx = torch.arange(0, Mx + 1, device=dev)
-        same_pitch = math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)
+        same_pitch = self.camera_pitch
         if same_pitch:  # sample straight at the voxel centres
             y0, x0, ny, nx = -Y / 2 * dy, -X / 2 * dx, Y, X
         else:  # sample the whole camera grid, then interpolate onto the voxel centres
             y0, x0, ny, nx = -H / 2 * p, -W / 2 * p, H, W
-        phase_z = self._phase(mz, self.n_z * dz, -Z / 2 * dz)
-        phase_y = self._phase(my, H * p, y0)
-        phase_x = self._phase(mx, W * p, x0)
-        out = []
-        for start in range(0, box.shape[0], chunk):
-            part = box[start:start + chunk, :, :, Mx:] * phase_x  # kx >= 0 half of a Hermitian box
-            grid = torch.zeros(part.shape[0], self.n_z, part.shape[2], part.shape[3], dtype=part.dtype, device=dev)
-            grid[:, mz % self.n_z] = part * phase_z[:, None, None]
-            part = torch.fft.ifft(grid, dim=1)[:, :Z]
-            grid = torch.zeros(part.shape[0], Z, H, part.shape[3], dtype=part.dtype, device=dev)
-            grid[:, :, my % H] = part * phase_y[:, None]
+        lateral = self._lateral_phase(dev, y0, x0)
+        synthesis = self._z_transform(dev, inverse=True)
+        out = torch.empty(half.shape[0], Z, Y, X, dtype=torch.float32, device=dev)
+        for start in range(0, half.shape[0], chunk):
+            part = half[start:start + chunk] * lateral
+            c, _, By, Bx = part.shape
+            part = (synthesis @ part.reshape(c, 2 * Mz + 1, By * Bx)).reshape(c, Z, By, Bx)
+            grid = torch.zeros(c, Z, H, Bx, dtype=part.dtype, device=dev)
+            grid[:, :, my % H] = part
             part = torch.fft.ifft(grid, dim=2)[:, :, :ny]
-            grid = torch.zeros(*part.shape[:3], W // 2 + 1, dtype=part.dtype, device=dev)
-            grid[..., :Mx + 1] = part
-            real = torch.fft.irfft(grid, n=W, dim=3)[..., :nx] / (dz * p * p)
-            if not same_pitch:
-                real = _resample_lateral(real, g)
-            out.append(real)
-        return torch.cat(out)
+            real = torch.fft.irfft(part, n=W, dim=3)[..., :nx]  # irfft zero-fills kx > Mx
+            out[start:start + chunk] = real if same_pitch else _resample_lateral(real, g)
+        return out
 
     def from_volume(self, volume: torch.Tensor) -> torch.Tensor:
         """Fourier transform of real samples [C, Z, Y, X] on the volume grid (zero outside it) onto
-        the dense frequency box [C, Bz, By, Bx]: the transform that ``to_volume`` inverts for
-        fields band-limited to the box (used by the constraint iterations). Pruned: each axis is
+        the half box [C, Bz, By, Mx + 1]: the transform that ``to_volume`` inverts for fields
+        band-limited to the box (used by the constraint iterations). Pruned: each axis is
         transformed and cut to the box before the next."""
         g = self.geometry
         H, W = g.hologram_shape
         Z, Y, X = g.volume_shape
-        dz, dy, dx = g.voxel_size_m
+        _, dy, dx = g.voxel_size_m
         p = g.pixel_size_m
-        if not (math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)):
-            raise ValueError("constraint iterations need voxels of the camera pixel size laterally")
+        if not self.camera_pitch:
+            raise ValueError("from_volume needs voxels of the camera pixel size laterally")
         Mz, My, Mx = self.half_box
         dev = volume.device
-        mz = torch.arange(-Mz, Mz + 1, device=dev)
         my = torch.arange(-My, My + 1, device=dev)
-        mx = torch.arange(0, Mx + 1, device=dev)
         half = torch.fft.rfft(volume.float(), n=W, dim=3)[..., :Mx + 1]
-        half = half * torch.conj(self._phase(mx, W * p, -X / 2 * dx))
-        half = torch.fft.fft(half, n=H, dim=2)[:, :, my % H] * torch.conj(self._phase(my, H * p, -Y / 2 * dy))[:, None]
-        half = torch.fft.fft(half, n=self.n_z, dim=1)[:, mz % self.n_z]
-        half = half * torch.conj(self._phase(mz, self.n_z * dz, -Z / 2 * dz))[:, None, None] * (dz * p * p)
-        # the kx < 0 half of a real field's spectrum: conj of the point reflection
-        negative = torch.conj(half[..., 1:].flip(1, 2, 3))
-        return torch.cat([negative, half], dim=3)
+        half = torch.fft.fft(half, n=H, dim=2)[:, :, my % H]
+        c, _, By, Bx = half.shape
+        half = (self._z_transform(dev, inverse=False) @ half.reshape(c, Z, By * Bx)).reshape(c, 2 * Mz + 1, By, Bx)
+        return half * torch.conj(self._lateral_phase(dev, -Y / 2 * dy, -X / 2 * dx))
 
 
 def _resample_lateral(planes: torch.Tensor, geometry: Geometry) -> torch.Tensor:

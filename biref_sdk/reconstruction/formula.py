@@ -4,7 +4,7 @@ The method (docs/reconstruction.md has the equations):
 
 1. Off-axis demodulation of each frame onto a crop grid (``_fields.CroppedDemodulator``), giving
    the (x, y) field for both input polarizations of a view: a 2x2 Jones matrix M per pixel; the
-   same for the background frames, M_bg.
+   same for the background frames, M_bg (its envelope low-passed: the illumination is smooth).
 2. The relative Jones matrix in the view's polarization basis (u1, u2):
    ``J = T^-1 M M_bg^-1 T`` (identity without a sample), and its matrix logarithm with the
    unwrapped mean phase: the tensor Rytov field.
@@ -14,10 +14,11 @@ The method (docs/reconstruction.md has the equations):
    illumination scan). Each frequency bin of each view adds three equations in the six tensor
    components to that K's normal equations (``_kspace.FourierPlan``), at once when the view's
    second polarization arrives.
-4. ``finalize``: per-frequency Tikhonov solve (a precomputed 6x6 inverse per frequency), an
-   optional Gerchberg-Papoulis constraint loop, the inverse 3D FFT onto the volume grid and a
-   closed-form eigen-decomposition per voxel: ``n_e, n_o = n_m + lambda_max,min / (2 n_m)``, the
-   director the eigenvector of ``lambda_max``.
+4. ``finalize``: per-frequency Tikhonov solve (a precomputed 6x6 inverse per frequency), the
+   inverse 3D FFT onto the volume grid, the constraint step for the missing cone (accelerated
+   Gerchberg-Papoulis iterations with a group soft threshold, on by default), and a closed-form
+   eigen-decomposition per voxel: ``n_e, n_o = n_m + lambda_max,min / (2 n_m)``, the director the
+   eigenvector of ``lambda_max``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 
 from ..files import Volume
 from ..geometry import Geometry
-from ._eigen import symmetric_eigen
+from ._eigen import symmetric_eigen, symmetric_eigen_full
 from ._fields import CroppedDemodulator, crop_shape, jones_logarithm
 from ._kspace import FourierPlan
 from .base import ReconstructionSession, Reconstructor
@@ -48,18 +49,29 @@ class FormulaOptions:
         components fall back towards the isotropic tensor their data determine.
     isotropic_regularization: the same for the isotropic part (kept small: every view sees it).
     z_oversampling: depth of the periodic reconstruction box over the volume depth.
-    constraint_iterations: Gerchberg-Papoulis iterations (0: off) alternating the measured
-        frequencies with the real-space constraints: a real tensor, the medium outside the volume
-        grid, and principal indices within ``index_bounds`` when given.
-    index_bounds: (low, high) principal-index bounds used by the constraint loop and to clip the
-        output; None (default) leaves the indices as measured.
+    constraint_iterations: accelerated Gerchberg-Papoulis iterations for the missing cone (0:
+        off), alternating the measured frequencies with the real-space constraints: a real
+        tensor, the medium outside the volume grid, the ``shrinkage`` soft threshold, and
+        principal indices within ``index_bounds`` when given. Few iterations on purpose: with
+        noisy data more of them fit the noise (semi-convergence); 5 measured best.
+    shrinkage: soft threshold (index units) on each voxel's index-contrast tensor
+        ``N - n_m I`` (Frobenius norm), applied in every constraint iteration and to the output:
+        a group-sparsity prior for samples that are mostly medium; 0 is off.
+    index_bounds: (low, high) bounds on every principal index, enforced by projection in the
+        constraint step and on the output; only for samples whose index range is known (e.g.
+        liquid crystal droplets, never below their medium). None (default) assumes nothing.
+    background_smoothing_m: Gaussian low-pass (standard deviation, metres) of the background
+        field's envelope before it normalises the sample field; the illumination is smooth, so
+        this removes the background frames' camera noise. 0 is off.
     """
 
     regularization: float = 0.3
     isotropic_regularization: float = 1e-3
     z_oversampling: float = 2.0
-    constraint_iterations: int = 0
+    constraint_iterations: int = 5
+    shrinkage: float = 1.5e-3
     index_bounds: tuple[float, float] | None = None
+    background_smoothing_m: float = 0.5e-6
 
     def __post_init__(self) -> None:
         if self.regularization < 0 or self.isotropic_regularization < 0:
@@ -68,6 +80,8 @@ class FormulaOptions:
             raise ValueError(f"z_oversampling must be >= 1, got {self.z_oversampling}")
         if self.constraint_iterations < 0:
             raise ValueError("constraint_iterations must be >= 0")
+        if self.shrinkage < 0 or self.background_smoothing_m < 0:
+            raise ValueError("shrinkage and background_smoothing_m must be >= 0")
         if self.index_bounds is not None:
             lo, hi = (float(v) for v in self.index_bounds)
             if not 0 < lo < hi:
@@ -79,18 +93,38 @@ class _Background:
     """Per-view inverse background Jones matrices ``M_bg^-1 T`` [2, 2, Hc, Wc], computed on first
     use and shared by every session of one background (a data set's samples share one)."""
 
-    def __init__(self, frames: np.ndarray, demodulator: CroppedDemodulator, T: torch.Tensor) -> None:
+    def __init__(self, frames: np.ndarray, demodulator: CroppedDemodulator, T: torch.Tensor,
+                 smoothing_m: float) -> None:
         self._frames = frames
         self._demodulator = demodulator
         self._T = T
         self._views: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
+        g = demodulator.geometry
+        (Hc, Wc), (H, W) = demodulator.crop, g.hologram_shape
+        self._y = (torch.arange(Hc, dtype=torch.float64) - Hc / 2) * g.pixel_size_m * H / Hc
+        self._x = (torch.arange(Wc, dtype=torch.float64) - Wc / 2) * g.pixel_size_m * W / Wc
+        self._lowpass = None
+        if smoothing_m > 0:
+            fy = torch.fft.fftfreq(Hc, g.pixel_size_m * H / Hc, dtype=torch.float64)[:, None]
+            fx = torch.fft.fftfreq(Wc, g.pixel_size_m * W / Wc, dtype=torch.float64)[None, :]
+            self._lowpass = torch.exp(-2 * (math.pi * smoothing_m) ** 2 * (fx**2 + fy**2)).to(T.device)
+
+    def _smooth(self, fields: torch.Tensor, view: int) -> torch.Tensor:
+        """Low-pass the envelope of the background fields [pol, comp, h, w] around its plane wave."""
+        if self._lowpass is None:
+            return fields
+        g = self._demodulator.geometry
+        s = g.sines[view] * g.k_medium_per_m
+        carrier = torch.exp(1j * (s[0] * self._x[None, :] + s[1] * self._y[:, None])).to(fields.device)
+        envelope = torch.fft.ifft2(torch.fft.fft2(fields * carrier.conj()) * self._lowpass)
+        return envelope * carrier
 
     def inverse(self, view: int) -> torch.Tensor:
         with self._lock:
             cached = self._views.get(view)
             if cached is None:
-                fields = self._demodulator(self._frames[:, view]).to(torch.complex128)  # [pol, comp, h, w]
+                fields = self._smooth(self._demodulator(self._frames[:, view]).to(torch.complex128), view)
                 m = fields.permute(1, 0, 2, 3)  # rows: output component, columns: input pol
                 det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
                 inv = torch.stack([torch.stack([m[1, 1], -m[0, 1]]), torch.stack([-m[1, 0], m[0, 0]])]) / det
@@ -150,12 +184,13 @@ class FormulaReconstructor(Reconstructor):
 
     def _background(self, geometry: Geometry, background: np.ndarray) -> _Background:
         plan, demodulator = self._plan(geometry)
-        key = (geometry, _fingerprint(background))
+        key = (geometry, self.options.background_smoothing_m, _fingerprint(background))
         with self._lock:
             entry = self._backgrounds.get(key)
             if entry is None:
                 T = torch.as_tensor(plan.T, dtype=torch.complex128, device=self.device)
-                entry = _Background(np.array(background, copy=True), demodulator, T)
+                entry = _Background(np.array(background, copy=True), demodulator, T,
+                                    self.options.background_smoothing_m)
                 self._backgrounds[key] = entry
                 while len(self._backgrounds) > 2:
                     self._backgrounds.popitem(last=False)
@@ -233,94 +268,122 @@ class FormulaSession(ReconstructionSession):
         if missing.size == self.geometry.n_views:
             raise ValueError("no complete view (both polarizations) was received")
         plan, options = self._plan, self._options
-        inverse = plan.normal_inverse(None if not missing.size else np.flatnonzero(self._done))
+        views = None if not missing.size else np.flatnonzero(self._done)
+        inverse = plan.normal_inverse(views)
         solution = torch.einsum("nij,nj->ni", inverse.to(torch.complex64), self._rhs)
-        if options.constraint_iterations:
-            views = None if not missing.size else np.flatnonzero(self._done)
-            normal = plan.normal_matrices(views).to(torch.float32).to(self._device)
-            box = _constraint_loop(plan, solution, self._rhs, inverse, normal, options, self.geometry.medium_index)
-        else:
-            box = plan.to_dense(solution)
-        delta = plan.to_volume(box)
-        ne, no, director = principal_indices(delta, self.geometry.medium_index, options.index_bounds)
+        solved = time.perf_counter()
+        # the iterations need the volume grid at the camera pitch laterally; other grids (a user's
+        # volume) get the one-off real-space step only, and the parameters say so
+        iterations = options.constraint_iterations if plan.camera_pitch else 0
+        normal = plan.normal_matrices(views) if iterations else None
+        delta = _constraint_loop(plan, solution, self._rhs, inverse, normal, options, iterations,
+                                 self.geometry.medium_index)
+        constrained = time.perf_counter()
+        ne, no, director = principal_indices(delta, self.geometry.medium_index)
         parameters = dict(self._reconstructor.parameters())
         parameters.update({
             "views_used": int(self._done.sum()),
+            "constraint_iterations_run": iterations,
             "missing_views": missing.tolist(),
             "frequency_voxels": plan.n_voxels,
             "frequency_box": list(plan.box_shape),
             "seconds_views": round(self.seconds_in_views, 4),
             "seconds_finalize": round(time.perf_counter() - start, 4),
+            # finalize's stages (on CUDA without synchronisation: indicative only)
+            "seconds_solve": round(solved - start, 4),
+            "seconds_constraint": round(constrained - solved, 4),
+            "seconds_eigen": round(time.perf_counter() - constrained, 4),
         })
         g = self.geometry
         return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.cpu().numpy(),
                       voxel_size_m=g.voxel_size_m, medium_index=g.medium_index, parameters=parameters)
 
 
-def principal_indices(delta: torch.Tensor, medium_index: float, index_bounds=None, chunk_voxels: int = 1 << 21):
+def principal_indices(delta: torch.Tensor, medium_index: float, chunk_voxels: int = 1 << 20):
     """n_e, n_o [Z, Y, X] and director [3, Z, Y, X] of the tensor contrast ``delta`` [6, Z, Y, X]
-    (``Delta = 2 n_m (N - n_m I)``, N the index tensor), eigen-decomposed in chunks."""
+    (``Delta = 2 n_m (N - n_m I)``, N the index tensor), eigen-decomposed in chunks. float32 is
+    enough: against float64 the indices of a reconstruction differ by ~1e-8 (1e-6 at worst, for an
+    exactly degenerate tensor) and birefringent voxels' directors by < 0.1 deg."""
     shape = delta.shape[1:]
     flat = delta.reshape(6, -1)
     ne = torch.empty(flat.shape[1], dtype=torch.float32, device=delta.device)
     no = torch.empty_like(ne)
     director = torch.empty(3, flat.shape[1], dtype=torch.float32, device=delta.device)
     for s in range(0, flat.shape[1], chunk_voxels):
-        largest, smallest, vector = symmetric_eigen(flat[:, s:s + chunk_voxels].double())
+        largest, smallest, vector = symmetric_eigen(flat[:, s:s + chunk_voxels].float(), isotropic_tol=1e-6)
         ne[s:s + chunk_voxels] = (medium_index + largest / (2 * medium_index)).float()
         no[s:s + chunk_voxels] = (medium_index + smallest / (2 * medium_index)).float()
         director[:, s:s + chunk_voxels] = vector.float()
-    if index_bounds is not None:
-        ne, no = ne.clamp(*index_bounds), no.clamp(*index_bounds)
     return ne.reshape(shape), no.reshape(shape), director.reshape(3, *shape)
 
 
-def _to_matrix(t6: torch.Tensor) -> torch.Tensor:
-    xx, yy, zz, xy, xz, yz = t6
-    return torch.stack([torch.stack([xx, xy, xz], -1), torch.stack([xy, yy, yz], -1),
-                        torch.stack([xz, yz, zz], -1)], -2)
+def shrink_tensors(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Group soft threshold of a tensor field [6, ...]: every voxel's tensor is scaled by
+    ``max(0, 1 - threshold / |Delta|_F)``, the proximal step of ``threshold * sum |Delta|_F`` (a
+    group-sparsity prior: most voxels are medium). Rotation invariant, so it keeps directors."""
+    weights = torch.tensor([[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]], dtype=delta.dtype, device=delta.device)
+    norm = torch.sqrt(weights @ delta.reshape(6, -1).square()).reshape(delta.shape[1:])  # Frobenius
+    factor = torch.clamp(1 - threshold / torch.clamp(norm, min=torch.finfo(delta.dtype).tiny), min=0.0)
+    return delta * factor
 
 
-def project_eigenvalues(delta: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+def project_eigenvalues(delta: torch.Tensor, low: float, high: float, chunk_voxels: int = 1 << 20) -> torch.Tensor:
     """Nearest (Frobenius) tensor field [6, ...] whose eigenvalues lie in [low, high]: eigenvalues
-    outside are clamped, eigenvectors kept. Only voxels that break a bound are decomposed."""
+    outside are clamped, eigenvectors kept (closed-form eigen-decomposition in float64, in chunks)."""
     flat = delta.reshape(6, -1)
-    largest, smallest, _ = symmetric_eigen(flat)
-    bad = torch.zeros_like(largest, dtype=torch.bool)
-    if low is not None:
-        bad |= smallest < low
-    if high is not None:
-        bad |= largest > high
-    if not bool(bad.any()):
-        return delta
-    values, vectors = torch.linalg.eigh(_to_matrix(flat[:, bad]).double())
-    values = values.clamp(min=low, max=high)
-    m = (vectors * values[:, None, :]) @ vectors.transpose(1, 2)
     out = flat.clone()
-    out[:, bad] = torch.stack([m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2]]).to(flat.dtype)
+    for s in range(0, flat.shape[1], chunk_voxels):
+        part = flat[:, s:s + chunk_voxels].to(torch.float64, copy=True)  # never the caller's tensor
+        values, vectors = symmetric_eigen_full(part)  # [3, n], [3(which), 3(x, y, z), n]
+        change = values.clamp(min=low, max=high) - values  # add sum_i change_i v_i v_i^T
+        for k, (a, b) in enumerate(((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))):
+            part[k] += (change * vectors[:, a] * vectors[:, b]).sum(0)
+        out[:, s:s + chunk_voxels] = part.to(out.dtype)
     return out.reshape(delta.shape)
 
 
-def _constraint_loop(plan: FourierPlan, solution, rhs, inverse, normal, options: FormulaOptions,
+def _constraint_loop(plan: FourierPlan, solution, rhs, inverse, normal, options: FormulaOptions, iterations: int,
                      medium_index: float) -> torch.Tensor:
-    """Gerchberg-Papoulis iterations for the missing cone. Alternates (a) real space: the tensor
-    lives on the volume grid only (the medium outside it) and, with ``index_bounds``, its principal
-    indices are clamped into them; (b) frequency space: at the measured frequencies the tensor is
-    moved back onto its data (a relaxed projection ``x += G (A^T b - A^T A x)``), elsewhere it keeps
-    what the constraints filled in. Returns the dense frequency box."""
+    """The tensor contrast on the volume grid [6, Z, Y, X] from the per-frequency solution, after
+    ``iterations`` Gerchberg-Papoulis iterations for the missing cone. They alternate
+    (a) real space: the tensor lives on the volume grid only (the medium outside it), each voxel's
+    tensor is soft-thresholded by ``shrinkage`` and its eigenvalues clamped into ``index_bounds``
+    when given; (b) frequency space: at the measured frequencies the tensor is moved back onto its data (a
+    relaxed projection ``x += G (A^T b - A^T A x)``, ``G`` the regularised inverse), elsewhere it
+    keeps what the constraints filled in. The result is the last real-space step, so shrinkage and
+    bounds always hold in the output (with 0 iterations they are applied once)."""
+    scale = 2 * medium_index
     low = high = None
     if options.index_bounds is not None:
-        low, high = (2 * medium_index * (n - medium_index) for n in options.index_bounds)
-    normal = normal.to(torch.complex64)
-    inverse = inverse.to(torch.complex64)
-    box = plan.to_dense(solution)
-    for _ in range(options.constraint_iterations):
-        delta = plan.to_volume(box)
+        low, high = (scale * (n - medium_index) for n in options.index_bounds)
+    shrink = scale * options.shrinkage
+
+    def real_space(delta):
+        if shrink > 0:
+            delta = shrink_tensors(delta, shrink)
         if low is not None:
             delta = project_eigenvalues(delta, low, high)
-        box = plan.from_volume(delta)
-        x = plan.to_compact(box)
-        residual = rhs - torch.einsum("nij,nj->ni", normal, x)
-        x = x + torch.einsum("nij,nj->ni", inverse, residual)
-        box.reshape(6, -1)[:, plan.box_index] = x.T
-    return box
+        return delta
+
+    delta = plan.to_volume(plan.to_dense(solution))
+    if not iterations:
+        return real_space(delta)
+    # the data step runs on the independent (kx >= 0) compact voxels only
+    keep = plan.half_compact
+    rhs = rhs[keep]
+    normal = normal[keep.cpu()].to(torch.complex64).to(rhs.device)
+    inverse = inverse[keep].to(torch.complex64)
+    # Nesterov (FISTA) momentum on the real-space iterates: as good in 5 iterations as plain
+    # alternation in 10 (docs/reconstruction.md)
+    t_prev, z_prev = 1.0, None
+    for _ in range(iterations):
+        z = real_space(delta)
+        t = (1 + math.sqrt(1 + 4 * t_prev * t_prev)) / 2
+        extrapolated = z if z_prev is None else torch.lerp(z_prev, z, 1 + (t_prev - 1) / t)
+        z_prev, t_prev = z, t
+        half = plan.from_volume(extrapolated)
+        x = plan.to_compact(half)
+        x = x + torch.einsum("nij,nj->ni", inverse, rhs - torch.einsum("nij,nj->ni", normal, x))
+        half.reshape(6, -1)[:, plan.half_index] = x.T
+        delta = plan.to_volume(half)
+    return real_space(delta)
