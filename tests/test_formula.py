@@ -244,12 +244,21 @@ def test_closed_form_eigen_decomposition_matches_eigh():
     np.testing.assert_allclose(np.linalg.det(V), 1.0, atol=1e-12)
     # float32: arccos loses half the digits at an exact degeneracy (the oblate tensors here)
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
-        largest, smallest, top = symmetric_eigen(as_t6(m).to(dtype), isotropic_tol=1e-12 if dtype == torch.float64 else 1e-6)
+        largest, smallest, top = symmetric_eigen(as_t6(m).to(dtype))
         np.testing.assert_allclose(largest.double().numpy(), values[:, 2], atol=tol)
         np.testing.assert_allclose(smallest.double().numpy(), values[:, 0], atol=tol)
         separated = values[:, 2] - values[:, 1] > 1e-3
         alignment = np.abs(np.einsum("in,ni->n", top.double().numpy(), vectors[:, :, 2]))
         np.testing.assert_allclose(alignment[separated], 1.0, atol=10 * tol)
+    # scale-free: tiny (a projected medium voxel) and huge tensors, float32 included
+    for scale in (1e-30, 1e25):
+        for dtype in (torch.float32, torch.float64):
+            largest, smallest, top = symmetric_eigen(as_t6(m).to(dtype) * scale)
+            assert torch.isfinite(top).all()
+            np.testing.assert_allclose(largest.double().numpy() / scale, values[:, 2], atol=1e-5)
+            full_values, basis = symmetric_eigen_full(as_t6(m).to(dtype) * scale)
+            assert torch.isfinite(basis).all()
+            np.testing.assert_allclose(full_values.double().numpy().T / scale, values, atol=1e-5)
     # isotropic: the convention is z^
     assert torch.equal(symmetric_eigen(as_t6(np.eye(3)[None] * 0.01))[2][:, 0], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
 

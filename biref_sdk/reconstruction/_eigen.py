@@ -13,14 +13,22 @@ import math
 import torch
 
 
+def _normalized(t6: torch.Tensor):
+    """``t6`` divided by each matrix's largest absolute entry (1 for zero matrices), and that
+    scale: the cubic's p**3 then neither underflows nor overflows (float32 near the medium)."""
+    scale = t6.abs().amax(0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return t6 / scale, scale
+
+
 def _eigenvalues(t6: torch.Tensor, isotropic_tol: float):
-    """(largest, middle, smallest, isotropic mask, p) of ``t6`` [6, ...]; ``p`` is the RMS
-    deviation of the eigenvalues from their mean (the scale of the anisotropy)."""
+    """(largest, middle, smallest, isotropic mask, p) of normalised ``t6`` [6, ...]; ``p`` is the
+    RMS deviation of the eigenvalues from their mean (the scale of the anisotropy)."""
     xx, yy, zz, xy, xz, yz = t6
     q = (xx + yy + zz) / 3
     a, b, c = xx - q, yy - q, zz - q
     p = torch.sqrt((a * a + b * b + c * c + 2 * (xy * xy + xz * xz + yz * yz)) / 6)
-    isotropic = p <= isotropic_tol * torch.clamp(t6.abs().amax(0), min=torch.finfo(t6.dtype).tiny)
+    isotropic = p <= isotropic_tol
     safe_p = torch.where(isotropic, torch.ones_like(p), p)
     # det((A - qI) / p) / 2 = cos(3 phi)
     det = (a * (b * c - yz * yz) - xy * (xy * c - yz * xz) + xz * (xy * yz - b * xz)) / safe_p**3
@@ -55,19 +63,24 @@ def _null_vector(t6: torch.Tensor, lam: torch.Tensor):
     return torch.stack([c * inv for c in best]), norm
 
 
-def symmetric_eigen(t6: torch.Tensor, isotropic_tol: float = 1e-12):
+def _default_tol(t6: torch.Tensor, isotropic_tol: float | None) -> float:
+    return isotropic_tol if isotropic_tol is not None else (1e-12 if t6.dtype == torch.float64 else 1e-6)
+
+
+def symmetric_eigen(t6: torch.Tensor, isotropic_tol: float | None = None):
     """(largest, smallest, eigenvector of the largest) of symmetric matrices ``t6`` [6, ...].
 
     Eigenvalues are exact to rounding; the eigenvector is a unit vector, z^ where the largest
     eigenvalue is (numerically) degenerate or the matrix is isotropic (spread below
-    ``isotropic_tol`` times the largest absolute entry).
+    ``isotropic_tol`` times the largest absolute entry; default 1e-12 in float64, 1e-6 in float32).
     """
-    largest, _, smallest, isotropic, p = _eigenvalues(t6, isotropic_tol)
-    vector, norm = _null_vector(t6, largest)
+    unit, scale = _normalized(t6)
+    largest, _, smallest, isotropic, p = _eigenvalues(unit, _default_tol(t6, isotropic_tol))
+    vector, norm = _null_vector(unit, largest)
     degenerate = isotropic | (norm <= 1e-12 * torch.clamp(p * p, min=torch.finfo(t6.dtype).tiny))
     z_hat = torch.zeros_like(vector)
     z_hat[2] = 1.0
-    return largest, smallest, torch.where(degenerate[None], z_hat, vector)
+    return largest * scale, smallest * scale, torch.where(degenerate[None], z_hat, vector)
 
 
 def _any_perpendicular(v: torch.Tensor) -> torch.Tensor:
@@ -79,7 +92,7 @@ def _any_perpendicular(v: torch.Tensor) -> torch.Tensor:
     return w / torch.sqrt(w[0] ** 2 + w[1] ** 2 + w[2] ** 2)
 
 
-def symmetric_eigen_full(t6: torch.Tensor, isotropic_tol: float = 1e-12):
+def symmetric_eigen_full(t6: torch.Tensor, isotropic_tol: float | None = None):
     """All eigenvalues (ascending, [3, ...]) and an orthonormal eigenvector basis ([3(which),
     3(x, y, z), ...], matching the values) of symmetric matrices ``t6`` [6, ...], in closed form.
 
@@ -88,10 +101,11 @@ def symmetric_eigen_full(t6: torch.Tensor, isotropic_tol: float = 1e-12):
     perpendicular vector where the two remaining eigenvalues are degenerate) and the middle one
     completes the right-handed basis. Isotropic matrices get the identity basis.
     """
-    largest, middle, smallest, isotropic, _ = _eigenvalues(t6, isotropic_tol)
+    unit, scale = _normalized(t6)
+    largest, middle, smallest, isotropic, _ = _eigenvalues(unit, _default_tol(t6, isotropic_tol))
     top_first = (largest - middle) >= (middle - smallest)
-    first, _ = _null_vector(t6, torch.where(top_first, largest, smallest))
-    second, _ = _null_vector(t6, torch.where(top_first, smallest, largest))
+    first, _ = _null_vector(unit, torch.where(top_first, largest, smallest))
+    second, _ = _null_vector(unit, torch.where(top_first, smallest, largest))
     z_hat = torch.zeros_like(first)
     z_hat[2] = 1.0
     first = torch.where(isotropic[None], z_hat, first)
@@ -102,4 +116,4 @@ def symmetric_eigen_full(t6: torch.Tensor, isotropic_tol: float = 1e-12):
     v_max = torch.where(top_first[None], first, second)
     v_min = torch.where(top_first[None], second, first)
     v_mid = torch.linalg.cross(v_max, v_min, dim=0)
-    return torch.stack([smallest, middle, largest]), torch.stack([v_min, v_mid, v_max])
+    return torch.stack([smallest, middle, largest]) * scale, torch.stack([v_min, v_mid, v_max])

@@ -310,7 +310,7 @@ def principal_indices(delta: torch.Tensor, medium_index: float, chunk_voxels: in
     no = torch.empty_like(ne)
     director = torch.empty(3, flat.shape[1], dtype=torch.float32, device=delta.device)
     for s in range(0, flat.shape[1], chunk_voxels):
-        largest, smallest, vector = symmetric_eigen(flat[:, s:s + chunk_voxels].float(), isotropic_tol=1e-6)
+        largest, smallest, vector = symmetric_eigen(flat[:, s:s + chunk_voxels].float())
         ne[s:s + chunk_voxels] = (medium_index + largest / (2 * medium_index)).float()
         no[s:s + chunk_voxels] = (medium_index + smallest / (2 * medium_index)).float()
         director[:, s:s + chunk_voxels] = vector.float()
