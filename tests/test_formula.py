@@ -260,7 +260,8 @@ def test_closed_form_eigen_decomposition_matches_eigh():
             assert torch.isfinite(basis).all()
             np.testing.assert_allclose(full_values.double().numpy().T / scale, values, atol=1e-5)
     # isotropic: the convention is z^
-    assert torch.equal(symmetric_eigen(as_t6(np.eye(3)[None] * 0.01))[2][:, 0], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    z_hat = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.equal(symmetric_eigen(as_t6(np.eye(3)[None] * 0.01))[2][:, 0], z_hat)
 
 
 def test_constraint_projections():

@@ -269,7 +269,6 @@ class FourierPlan:
         H, W = g.hologram_shape
         Z, Y, X = g.volume_shape
         _, dy, dx = g.voxel_size_m
-        p = g.pixel_size_m
         if not self.camera_pitch:
             raise ValueError("from_volume needs voxels of the camera pixel size laterally")
         Mz, My, Mx = self.half_box

@@ -289,7 +289,8 @@ class FormulaSession(ReconstructionSession):
             "frequency_box": list(plan.box_shape),
             "seconds_views": round(self.seconds_in_views, 4),
             "seconds_finalize": round(time.perf_counter() - start, 4),
-            # finalize's stages (on CUDA without synchronisation: indicative only)
+            # finalize's stages (on CUDA without synchronisation: indicative only); "constraint"
+            # includes the inverse transform onto the volume grid
             "seconds_solve": round(solved - start, 4),
             "seconds_constraint": round(constrained - solved, 4),
             "seconds_eigen": round(time.perf_counter() - constrained, 4),
