@@ -270,7 +270,11 @@ def test_curve_admits_authorized_clients_only(make_server, context, tmp_path):
         producer.send_acquisition(acquisition, "trusted")
     result = subscriber.wait_volume("trusted", DEADLINE_S)
     np.testing.assert_allclose(streamed_means(result.volume, GEOMETRY), expected_view_means(acquisition), rtol=1e-6)
+    # start + 2V views + stop: the stop may still be in flight when the volume is out
+    expected = 2 + 2 * GEOMETRY.n_views
+    wait_until(lambda: server.status()["messages_received"] >= expected)
     received = server.status()["messages_received"]
+    assert received == expected
     failures = server.status()["handshake_failures"]
     intruder = Producer(server.ingest_address, timeout_s=0.5, context=context,
                         curve=CurveClient(intruder_secret, server_public))
