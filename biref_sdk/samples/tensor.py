@@ -56,18 +56,20 @@ def voxel_centres_m(volume_shape, voxel_size_m) -> list[torch.Tensor]:
 
 
 def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, medium_index: float,
-                      supersample: int = 3) -> torch.Tensor:
+                      supersample: int = 3, chunk_points: int = 1 << 21) -> torch.Tensor:
     """Voxel-averaged dielectric tensor [6, Z, Y, X] of droplets in a medium.
 
     Each voxel averages the tensor at ``supersample``^3 points, so voxels cut by a droplet surface
     hold the partial-volume mixture of liquid crystal and medium. Only the droplets' bounding boxes
-    are sampled; the rest is medium.
+    are sampled, in slabs of at most about ``chunk_points`` points (bounded memory: a paper-size
+    droplet has ~10^8 sub-samples), and the director is evaluated only at points inside a droplet.
     """
     shape = tuple(int(n) for n in volume_shape)
     eps6 = torch.zeros(6, *shape, dtype=torch.float32)
     eps6[:3] = medium_index**2
     centres = voxel_centres_m(shape, voxel_size_m)
-    offsets = (torch.arange(supersample, dtype=torch.float32) + 0.5) / supersample - 0.5
+    s = supersample
+    offsets = (torch.arange(s, dtype=torch.float32) + 0.5) / s - 0.5
     for droplet in droplets:
         c_xyz = droplet.center_m
         lo_hi = []
@@ -79,20 +81,23 @@ def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, mediu
         if len(lo_hi) < 3:
             continue  # the droplet misses the grid
         (z0, z1), (y0, y1), (x0, x1) = lo_hi
-        sub = [(coords[a:b, None] + offsets[None, :] * d).reshape(-1)
-               for coords, (a, b), d in zip(centres, lo_hi, voxel_size_m)]
-        zz, yy, xx = torch.meshgrid(*sub, indexing="ij")
-        points = torch.stack([xx, yy, zz], -1)
-        radius2 = ((points - torch.as_tensor(c_xyz, dtype=torch.float32)) ** 2).sum(-1)
-        inside = (radius2 <= droplet.radius_m**2).to(torch.float32)
-        director = director_field(droplet, points).permute(3, 0, 1, 2)
-        lc = uniaxial_eps6(torch.tensor(droplet.ne), torch.tensor(droplet.no), director)
-        lc[:3] -= medium_index**2  # contribution relative to the medium
-        contrib = lc * inside
-        s = supersample
-        box = (z1 - z0, y1 - y0, x1 - x0)
-        contrib = contrib.reshape(6, box[0], s, box[1], s, box[2], s).mean(dim=(2, 4, 6))
-        eps6[:, z0:z1, y0:y1, x0:x1] += contrib
+        sub_y, sub_x = [(coords[a:b, None] + offsets[None, :] * d).reshape(-1)
+                        for coords, (a, b), d in zip(centres[1:], lo_hi[1:], voxel_size_m[1:])]
+        centre = torch.as_tensor(c_xyz, dtype=torch.float32)
+        ne, no = torch.tensor(droplet.ne), torch.tensor(droplet.no)
+        slab = max(1, chunk_points // (s**3 * (y1 - y0) * (x1 - x0)))
+        for za in range(z0, z1, slab):
+            zb = min(za + slab, z1)
+            sub_z = (centres[0][za:zb, None] + offsets[None, :] * voxel_size_m[0]).reshape(-1)
+            zz, yy, xx = torch.meshgrid(sub_z, sub_y, sub_x, indexing="ij")
+            points = torch.stack([xx, yy, zz], -1)
+            inside = ((points - centre) ** 2).sum(-1) <= droplet.radius_m**2
+            lc = uniaxial_eps6(ne, no, director_field(droplet, points[inside]).T)  # [6, n_inside]
+            lc[:3] -= medium_index**2  # contribution relative to the medium
+            contrib = torch.zeros(6, *inside.shape, dtype=torch.float32)
+            contrib[:, inside] = lc
+            contrib = contrib.reshape(6, zb - za, s, y1 - y0, s, x1 - x0, s).mean(dim=(2, 4, 6))
+            eps6[:, za:zb, y0:y1, x0:x1] += contrib
     return eps6
 
 
