@@ -71,7 +71,7 @@ class NullReconstructor(Reconstructor):
         return TagSession(geometry, background)
 
 
-def _service_process(engine: str, threads: int, connection) -> None:
+def _service_process(engine: str, threads: int, options: dict, connection) -> None:
     """The SDK side: a StreamingServer until told to stop; reports its status, CPU time and torch
     threads."""
     from biref_sdk.streaming.server import StreamingServer
@@ -88,7 +88,7 @@ def _service_process(engine: str, threads: int, connection) -> None:
         if threads:
             torch.set_num_threads(threads)
         torch_threads = torch.get_num_threads()
-        reconstructor = get_reconstructor(engine)
+        reconstructor = get_reconstructor(engine, **options)
     config = ServiceConfig(status_interval_s=0.2, acquisition_timeout_s=120)
     with StreamingServer(reconstructor, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", config) as server:
         ready_cpu_s = time.process_time()   # CPU from here on: serving, not process start-up and imports
@@ -99,10 +99,10 @@ def _service_process(engine: str, threads: int, connection) -> None:
 
 
 class Service:
-    def __init__(self, engine: str, threads: int = 0) -> None:
+    def __init__(self, engine: str, threads: int = 0, options: dict | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_service_process, args=(engine, threads, child), daemon=True)
+        self.process = context.Process(target=_service_process, args=(engine, threads, options or {}, child), daemon=True)
         self.process.start()
         if not self.connection.poll(300):
             raise RuntimeError("the service process did not start")
@@ -190,10 +190,10 @@ def bench_ingest(n_acquisitions: int, background: str) -> dict:
             "service_cpu_s": report["cpu_s"], "client_cpu_s": client_cpu_s}
 
 
-def bench_latency(n_acquisitions: int, rate: float | None, threads: int, acquisitions) -> dict:
+def bench_latency(n_acquisitions: int, rate: float | None, threads: int, acquisitions, options: dict) -> dict:
     from biref_sdk.streaming.client import Producer
 
-    service = Service("formula", threads)
+    service = Service("formula", threads, options)
     sent: dict[str, float] = {}
     try:
         receiver = Receiver(service.results, n_acquisitions + 1)
@@ -242,17 +242,21 @@ def main() -> None:
                         help="views/s of the paced latency run (below what the engine sustains)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the service (0: torch's default, which follows OMP_NUM_THREADS)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a formula option of the latency runs, e.g. constraint_iterations=0 (docs/reconstruction.md)")
     parser.add_argument("--json", default="benchmarks/results/streaming.json")
     args = parser.parse_args()
 
+    from biref_sdk.cli.reconstruct import parse_options
     from biref_sdk.streaming.microscope import SimulatedMicroscope
 
     load_before = os.getloadavg()
     ingest = [bench_ingest(args.acquisitions, background) for background in ("inline", "messages")]
     microscope = SimulatedMicroscope("small", seed=0)
     small = [microscope.acquisition(i) for i in range(2)]
-    latency = [bench_latency(args.latency_acquisitions, args.rate, args.threads, small),
-               bench_latency(args.latency_acquisitions, None, args.threads, small)]
+    options = parse_options(args.option, ["formula"])["formula"]
+    latency = [bench_latency(args.latency_acquisitions, args.rate, args.threads, small, options),
+               bench_latency(args.latency_acquisitions, None, args.threads, small, options)]
 
     first = ingest[0]
     print(f"ingest, {first['frame'][0]}x{first['frame'][1]} uint16, null engine, {first['acquisitions']} acquisitions "
@@ -262,7 +266,8 @@ def main() -> None:
     for run in ingest:
         print(f"  {run['background']:>10} {run['views_per_s']:8.0f} {run['frames_per_s']:9.0f} {run['mb_per_s']:6.0f} "
               f"{str(run['zero_loss']):>10} {run['ingest_waits']:20d}")
-    print(f"latency, small preset, formula engine ({latency[0]['service_torch_threads']} torch thread(s)), "
+    print(f"latency, small preset, formula engine, options {options or 'defaults'} "
+          f"({latency[0]['service_torch_threads']} torch thread(s)), "
           f"{args.latency_acquisitions} acquisitions back to back; ms")
     print(f"  {'pacing':>19} {'views/s':>8} {'service p50/p95/max':>21} {'finalize p50/p95':>17} "
           f"{'rest p50':>9} {'client p50/p95':>15} {'ms/view':>8}")

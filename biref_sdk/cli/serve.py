@@ -9,20 +9,15 @@ from pathlib import Path
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="formula", choices=("formula", "model"),
-                   help="reconstruction engine (default formula)")
-    p.add_argument("--model", help="model file for --method model (default: the shipped trained_models/biref_small.h5)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    from .reconstruct import add_method_arguments
+
+    add_method_arguments(p, multiple=False)
 
 
 def make_reconstructor(args: argparse.Namespace):
-    from ..reconstruction import get_reconstructor
+    from .reconstruct import build_reconstructors
 
-    if args.method == "model":
-        return get_reconstructor("model", model=args.model, device=args.device)
-    if args.model:
-        raise ValueError("--model applies only to --method model")
-    return get_reconstructor(args.method, device=args.device)
+    return build_reconstructors([args.method], args)[args.method]
 
 
 def add_curve_server_arguments(p: argparse.ArgumentParser) -> None:
