@@ -20,7 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--preset", default="small", help="microscope preset (default small)")
     p.add_argument("--seed", type=int, default=0, help="which simulated sample")
-    p.add_argument("--rate", type=float, default=None, help="views per second (default: as fast as possible)")
+    p.add_argument("--rate", type=float, default=100.0,
+                   help="views per second, as a camera streams them (default 100; 0: as fast as possible, so the "
+                        "latency includes the backlog of views not yet processed)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     add_engine_arguments(p)
     p.set_defaults(func=run)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         def microscope_thread():
             try:
                 with Producer(server.ingest_address, timeout_s=args.timeout) as producer:
-                    sent.update(producer.send_acquisition(acquisition, acquisition_id, rate_views_per_s=args.rate))
+                    sent.update(producer.send_acquisition(acquisition, acquisition_id, rate_views_per_s=args.rate or None))
             except Exception as error:  # reported by the main thread
                 failure.append(error)
 
