@@ -137,3 +137,21 @@ def test_ddp_with_two_gloo_processes(tiny_data, tmp_path):
     assert history[0]["world_size"] == 2
     assert np.isfinite(history[0]["train"]["loss"])
     assert load_model(out / "best.h5").metadata["epoch"] == 1
+
+
+def test_birefringent_q_loss_averages_over_voxels_with_a_director_only():
+    from biref_sdk.network.config import NetworkConfig
+    from biref_sdk.training.loop import losses
+
+    config = NetworkConfig(n_views=4, hologram_shape=(32, 32), volume_shape=(2, 4, 4), window_length=2)
+    truth_q = torch.zeros(1, 5, 2, 4, 4)
+    truth_q[0, :, 0, :2, :2] = torch.arange(1.0, 6.0)[:, None, None]  # 4 of 32 voxels carry a director
+    batch = {"ne": torch.full((1, 2, 4, 4), 1.55), "no": torch.full((1, 2, 4, 4), 1.545), "q": truth_q}
+    outputs = (batch["ne"], batch["no"], torch.zeros_like(truth_q))  # Q = 0 everywhere
+    per_voxel = float((torch.arange(1.0, 6.0) ** 2).mean())  # mean over the 5 components
+    assert float(losses(outputs, batch, config, 1.0, "birefringent")["q"]) == pytest.approx(per_voxel)
+    assert float(losses(outputs, batch, config, 1.0, "volume")["q"]) == pytest.approx(per_voxel * 4 / 32)
+    exact = (batch["ne"], batch["no"], truth_q)
+    assert float(losses(exact, batch, config, 1.0, "birefringent")["total"]) == 0.0
+    with pytest.raises(ValueError, match="q_loss"):
+        losses(outputs, batch, config, 1.0, "everywhere")

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--input-mode", default="field", choices=("field", "hologram"),
                    help="field: demodulated, background-normalised fields; hologram: frames / background mean")
     p.add_argument("--q-weight", type=float, default=0.1, help="weight of the Q-tensor (director) loss")
+    p.add_argument("--q-loss", default="volume", choices=("volume", "birefringent"),
+                   help="average the Q-tensor MSE over every voxel or only over birefringent ones")
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lr <= 0:
         raise ValueError("--lr must be positive")
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
-                         q_weight=args.q_weight, width=args.width, window_length=args.window_length,
+                         q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, window_length=args.window_length,
                          input_mode=args.input_mode, num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,

@@ -49,6 +49,9 @@ class TrainConfig:
     seed: int = 0
     # weight of the Q-tensor (director) MSE next to the n_e and n_o MSEs
     q_weight: float = 0.1
+    # where the Q-tensor MSE is averaged: "volume" (every voxel) or "birefringent" (only voxels
+    # with a director; in a mostly isotropic volume the former is small even for Q = 0 everywhere)
+    q_loss: str = "volume"
     width: str = "small"
     window_length: int = 3
     input_mode: str = "field"
@@ -68,10 +71,19 @@ def normalised_mse(prediction: torch.Tensor, truth: torch.Tensor, config: Networ
     return torch.mean(((prediction.float() - truth) / span) ** 2)
 
 
-def losses(outputs, batch, config: NetworkConfig, q_weight: float) -> dict[str, torch.Tensor]:
+def losses(outputs, batch, config: NetworkConfig, q_weight: float, q_loss: str = "volume") -> dict[str, torch.Tensor]:
     ne, no, q = outputs
+    q_error = (q.float() - batch["q"]) ** 2
+    if q_loss == "volume":
+        q_mse = torch.mean(q_error)
+    elif q_loss == "birefringent":
+        # training targets are Q = 0 exactly where there is no director (training_targets)
+        mask = (batch["q"] != 0).any(dim=1, keepdim=True).to(q_error.dtype)
+        q_mse = (q_error * mask).sum() / torch.clamp(mask.sum() * q_error.shape[1], min=1.0)
+    else:
+        raise ValueError(f"unknown q_loss {q_loss!r}: volume or birefringent")
     result = {"ne": normalised_mse(ne, batch["ne"], config), "no": normalised_mse(no, batch["no"], config),
-              "q": torch.mean((q.float() - batch["q"]) ** 2)}
+              "q": q_mse}
     result["total"] = result["ne"] + result["no"] + q_weight * result["q"]
     return result
 
@@ -169,7 +181,7 @@ def _set_rng_state(state: dict) -> None:
 # -- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(network: BirefNet, dataset: HologramDataset, device: torch.device, dist_info: _Distributed,
-             q_weight: float, progress: bool = False) -> dict[str, float]:
+             q_weight: float, progress: bool = False, q_loss: str = "volume") -> dict[str, float]:
     """Mean losses and the paper's PSNR/SSIM (biref_sdk.metrics) of n_e and n_o over ``dataset``.
 
     Each process evaluates samples ``rank, rank + world_size, ...``; sums are all-reduced, so
@@ -188,7 +200,7 @@ def validate(network: BirefNet, dataset: HologramDataset, device: torch.device, 
         item = dataset[index]
         batch = {k: v[None].to(device) for k, v in item.items()}
         outputs = network(batch["windows"])
-        loss = losses(outputs, batch, config, q_weight)
+        loss = losses(outputs, batch, config, q_weight, q_loss)
         ne, no = (o[0].float().cpu().numpy() for o in outputs[:2])
         values = [loss["ne"].item(), loss["no"].item(), loss["q"].item(), loss["total"].item(),
                   metrics.psnr(ne, item["ne"].numpy()), metrics.psnr(no, item["no"].numpy()),
@@ -270,6 +282,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
 
         initial = load_model(init)
     learning_rate(config, 1)  # validates the schedule before any work
+    if config.q_loss not in ("volume", "birefringent"):
+        raise ValueError(f"unknown q_loss {config.q_loss!r}: volume or birefringent")
     _seed_everything(config.seed + dist_info.rank)
 
     with Dataset(data) as handle:
@@ -348,7 +362,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
             with autocast:
                 outputs = model(batch["windows"])
-            loss = losses(outputs, batch, net_config, config.q_weight)
+            loss = losses(outputs, batch, net_config, config.q_weight, config.q_loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss["total"]).backward()
             scaler.step(optimizer)
@@ -360,7 +374,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         totals = _all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)]), dist_info)
         train_metrics = {name: totals[i].item() / max(totals[-1].item(), 1.0)
                          for i, name in enumerate(("loss_ne", "loss_no", "loss_q", "loss"))}
-        val_metrics = validate(network, val_set, device, dist_info, config.q_weight, progress=progress)
+        val_metrics = validate(network, val_set, device, dist_info, config.q_weight, progress=progress,
+                               q_loss=config.q_loss)
         record = {"epoch": epoch, "train": train_metrics, "val": val_metrics, "lr": learning_rate(config, epoch),
                   "seconds": time.perf_counter() - started, "world_size": dist_info.world_size}
         history.append(record)
