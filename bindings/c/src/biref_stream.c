@@ -138,6 +138,17 @@ static void pack_pair_list(biref_buffer *out, const double *values, uint32_t row
     }
 }
 
+/* The "shape" and "dtype" entries every frame-carrying header has (two map entries). */
+static void pack_frame_format(biref_buffer *out, biref_format format)
+{
+    biref_pack_str(out, "shape");
+    biref_pack_array(out, 2);
+    biref_pack_uint(out, format.height);
+    biref_pack_uint(out, format.width);
+    biref_pack_str(out, "dtype");
+    biref_pack_str(out, biref_dtype_name(format.dtype));
+}
+
 int biref_encode_start(biref_buffer *out, const char *acquisition_id, const biref_geometry *g, biref_format format)
 {
     if (!valid_id(acquisition_id) || !valid_geometry(g) || !valid_format(format))
@@ -171,12 +182,7 @@ int biref_encode_start(biref_buffer *out, const char *acquisition_id, const bire
     biref_pack_array(out, 3);
     for (int i = 0; i < 3; i++)
         biref_pack_double(out, g->voxel_size_m[i]);
-    biref_pack_str(out, "shape");
-    biref_pack_array(out, 2);
-    biref_pack_uint(out, format.height);
-    biref_pack_uint(out, format.width);
-    biref_pack_str(out, "dtype");
-    biref_pack_str(out, biref_dtype_name(format.dtype));
+    pack_frame_format(out, format);
     biref_pack_str(out, "n_views");
     biref_pack_uint(out, g->n_views);
     return biref_buffer_status(out);
@@ -199,12 +205,7 @@ int biref_encode_frame(biref_buffer *out, const char *type, const char *acquisit
     biref_pack_uint(out, (uint64_t)polarization);
     biref_pack_str(out, "view");
     biref_pack_uint(out, view);
-    biref_pack_str(out, "shape");
-    biref_pack_array(out, 2);
-    biref_pack_uint(out, format.height);
-    biref_pack_uint(out, format.width);
-    biref_pack_str(out, "dtype");
-    biref_pack_str(out, biref_dtype_name(format.dtype));
+    pack_frame_format(out, format);
     return biref_buffer_status(out);
 }
 
