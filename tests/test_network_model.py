@@ -66,7 +66,8 @@ def test_small_configuration_decodes_the_volume_exactly():
 
 
 @pytest.mark.parametrize("bad", [dict(input_mode="phase"), dict(attention="none"), dict(encoder_channels=(4, 4)),
-                                 dict(index_min=1.6, index_max=1.5), dict(encoder_strides=(2, 2, 2, 2, 2))])
+                                 dict(index_min=1.6, index_max=1.5), dict(encoder_strides=(2, 2, 2, 2, 2)),
+                                 dict(normalization="group"), dict(input_scale=0.0), dict(input_scale=math.inf)])
 def test_bad_configuration_raises(bad):
     base = config_for_geometry(tiny_geometry(), "tiny").to_dict()
     base.update(bad)
@@ -81,9 +82,10 @@ def test_configuration_round_trips_through_a_dict():
         NetworkConfig.from_dict({**config.to_dict(), "colour": 1})
 
 
-@pytest.mark.parametrize("attention", ["position", "sequence"])
-def test_stage_by_stage_equals_the_whole_forward(attention):
-    network = tiny_network(attention=attention)
+@pytest.mark.parametrize("attention, normalization", [("position", "batch"), ("sequence", "batch"),
+                                                      ("position", "none")])
+def test_stage_by_stage_equals_the_whole_forward(attention, normalization):
+    network = tiny_network(attention=attention, normalization=normalization, input_scale=3.0)
     config = network.config
     windows = torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape)
     with torch.no_grad():
@@ -112,6 +114,30 @@ def test_outputs_stay_in_the_index_range_with_ne_above_no():
         ne, no, _ = network(windows)
     assert torch.all(no >= config.index_min) and torch.all(ne <= config.index_max)
     assert torch.all(ne >= no)
+
+
+@pytest.mark.parametrize("normalization", ["batch", "none"])
+def test_a_samples_training_output_depends_on_its_batch_only_with_batch_normalization(normalization):
+    # why "none" exists: in training mode batch statistics make one sample's output depend on the
+    # other samples of its batch, so the absolute field amplitude (which fixes the index) is blurred
+    network = tiny_network(normalization=normalization).train()
+    config = network.config
+    shape = (config.sequence_length, config.input_channels, 1, *config.input_shape)
+    sample, partner_a, partner_b = torch.randn(shape), torch.randn(shape), 3 * torch.randn(shape)
+    with torch.no_grad():
+        with_a = network(torch.stack([sample, partner_a]))[1][0]
+        with_b = network(torch.stack([sample, partner_b]))[1][0]
+    differs = not torch.allclose(with_a, with_b, rtol=0, atol=1e-7)
+    assert differs == (normalization == "batch")
+
+
+def test_input_scale_multiplies_the_encoder_input():
+    network = tiny_network(normalization="none", input_scale=4.0)
+    unscaled = BirefNet(network.config.replace(input_scale=1.0))
+    unscaled.load_state_dict(network.state_dict())
+    window = torch.randn(1, network.config.input_channels, 1, *network.config.input_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(network.encode(window), unscaled.eval().encode(4.0 * window))
 
 
 def test_gradients_reach_the_first_layer():

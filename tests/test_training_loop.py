@@ -71,6 +71,20 @@ def test_train_writes_models_history_and_figure(tiny_data, tmp_path):
     assert load_model(out / "last.h5").metadata["epoch"] == 2
 
 
+def test_training_scales_the_inputs_to_unit_rms_and_records_the_normalization(tiny_data, tmp_path):
+    from biref_sdk.training.data import HologramDataset
+
+    train, val = tiny_data
+    out = tmp_path / "run"
+    assert biref(["train", "--data", str(train), "--val", str(val), "--out", str(out), "--epochs", "1",
+                  "--normalization", "none", *TRAIN_ARGS]) == 0
+    config = load_model(out / "last.h5").config
+    assert config.normalization == "none"
+    windows = torch.cat([HologramDataset(train, config).windows(i) for i in range(4)])
+    rms = float((windows.double() ** 2).mean().sqrt())
+    assert config.input_scale == pytest.approx(1 / rms, rel=1e-6)
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_data, tmp_path):
     train, val = tiny_data
     common = ["--data", str(train), "--val", str(val), "--lr", "1e-3", "--seed", "5", *TRAIN_ARGS]

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--init", metavar="MODEL.h5", help="start a new run from this model file's weights and network "
                                                       "configuration (fine-tune; continue a shipped model)")
     p.add_argument("--width", default="small", choices=("tiny", "small", "paper"), help="channel widths")
+    p.add_argument("--normalization", default="batch", choices=("batch", "none"),
+                   help="batch: BatchNorm3d in every block (the paper); none: no normalisation layers")
     p.add_argument("--window-length", type=int, default=3, help="views averaged into one sequence step")
     p.add_argument("--input-mode", default="field", choices=("field", "hologram"),
                    help="field: demodulated, background-normalised fields; hologram: frames / background mean")
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.lr <= 0:
         raise ValueError("--lr must be positive")
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
-                         q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, window_length=args.window_length,
+                         q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
+                         window_length=args.window_length,
                          input_mode=args.input_mode, num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,

@@ -16,6 +16,7 @@ from ..geometry import Geometry
 
 INPUT_MODES = ("field", "hologram")
 ATTENTION_MODES = ("position", "sequence")
+NORMALIZATIONS = ("batch", "none")
 
 
 def window_layout(n_views: int, window_length: int) -> tuple[int, ...]:
@@ -57,6 +58,9 @@ class NetworkConfig:
     input_mode: str = "field"
     # "field": demodulated field resampled (Fourier crop) by this factor; "hologram": 1
     field_downsample: int = 2
+    # the inputs are multiplied by this before the encoder; training sets it to 1 / (RMS of the
+    # training inputs), so that a network without batch normalisation sees inputs of order 1
+    input_scale: float = 1.0
     # encoder: five down-residual blocks (out channels, (h, w) stride each)
     encoder_channels: tuple[int, ...] = (16, 24, 32, 48, 64)
     encoder_strides: tuple[int, ...] = (2, 2, 2, 1, 1)
@@ -66,6 +70,10 @@ class NetworkConfig:
     # decoder: three up-residual blocks (out channels, (z, y, x) upsampling factors each)
     decoder_channels: tuple[int, ...] = (48, 24, 12)
     decoder_strides: tuple[tuple[int, int, int], ...] = ((2, 2, 2), (4, 2, 2), (4, 2, 2))
+    # "batch": BatchNorm3d in every block (the paper); "none": no normalisation layer. Batch
+    # statistics of a batch of 2 make each sample's features relative to the other's, which hides
+    # the absolute field amplitude that fixes the index values (MODEL_CARD.md)
+    normalization: str = "batch"
     # the output range of n_e and n_o (the paper: 1.54 - 1.57)
     index_min: float = 1.54
     index_max: float = 1.57
@@ -85,6 +93,8 @@ class NetworkConfig:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if len(self.encoder_channels) != 5 or len(self.encoder_strides) != 5:
             raise ValueError("the encoder has five down-residual blocks: give 5 channels and 5 strides")
         if len(self.decoder_channels) != 3 or len(self.decoder_strides) != 3:
@@ -95,6 +105,8 @@ class NetworkConfig:
             raise ValueError("channel counts must be positive")
         if min(self.encoder_strides) < 1 or min(min(s) for s in self.decoder_strides) < 1:
             raise ValueError("strides must be >= 1")
+        if not (math.isfinite(self.input_scale) and self.input_scale > 0):
+            raise ValueError(f"input_scale must be positive and finite, got {self.input_scale}")
         if not self.index_max > self.index_min:
             raise ValueError(f"index_max {self.index_max} must exceed index_min {self.index_min}")
         downsample = self.field_downsample if self.input_mode == "field" else 1

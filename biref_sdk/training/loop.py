@@ -53,6 +53,8 @@ class TrainConfig:
     # with a director; in a mostly isotropic volume the former is small even for Q = 0 everywhere)
     q_loss: str = "volume"
     width: str = "small"
+    # "batch" (the paper) or "none" (NetworkConfig.normalization)
+    normalization: str = "batch"
     window_length: int = 3
     input_mode: str = "field"
     num_workers: int = 0
@@ -86,6 +88,15 @@ def losses(outputs, batch, config: NetworkConfig, q_weight: float, q_loss: str =
               "q": q_mse}
     result["total"] = result["ne"] + result["no"] + q_weight * result["q"]
     return result
+
+
+def input_scale(dataset: HologramDataset, n_samples: int = 16) -> float:
+    """1 / RMS of the network inputs of the first ``n_samples`` samples (the same on every rank)."""
+    squares = [torch.mean(dataset.windows(i).double() ** 2) for i in range(min(n_samples, len(dataset)))]
+    rms = float(torch.stack(squares).mean().sqrt())
+    if not rms > 0:
+        raise ValueError("the training inputs are all zero: no sample scatters light")
+    return 1.0 / rms
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -293,8 +304,11 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         net_config = initial.config
     elif checkpoint is None:
         net_config = config_for_geometry(geometry, config.width, window_length=config.window_length,
-                                         input_mode=config.input_mode)
+                                         input_mode=config.input_mode, normalization=config.normalization)
     train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit)
+    if initial is None and checkpoint is None:
+        net_config = net_config.replace(input_scale=input_scale(train_set))
+        train_set.config = net_config
     val_set = HologramDataset(val, net_config, cache=config.cache)
     check_geometry(geometry, val_set.geometry)
 
