@@ -113,12 +113,15 @@ def test_init_starts_from_a_model_file_and_records_it(tiny_data, tmp_path):
     # zero epochs of training: the new run's model must be the initial one, exactly
     from biref_sdk.training import TrainConfig, train as train_fn
 
-    config = TrainConfig(epochs=1, learning_rate=1e-12, width="small", window_length=2, threads=1)
+    config = TrainConfig(epochs=1, learning_rate=1e-12, width="small", window_length=3, threads=1)
     train_fn(train, val, tmp_path / "second", config, progress=False, log=lambda *a: None,
              init=tmp_path / "first" / "last.h5")
     second = load_model(tmp_path / "second" / "last.h5")
     assert second.config == first.config  # taken from the model file, not from --width
     assert second.metadata["initialised_from"]["sha256"] == first.sha256
+    recorded = second.metadata["train_config"]
+    assert recorded["window_length"] == first.config.window_length != config.window_length
+    assert recorded["normalization"] == first.config.normalization
     for name, value in first.network.state_dict().items():
         if value.dtype.is_floating_point and "running" not in name:
             torch.testing.assert_close(second.network.state_dict()[name], value, rtol=1e-6, atol=1e-6, msg=name)

@@ -302,6 +302,9 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     if initial is not None:
         check_geometry(initial.geometry, geometry)
         net_config = initial.config
+        # the recorded recipe names the network actually trained, not the CLI defaults
+        config = dataclasses.replace(config, normalization=net_config.normalization,
+                                     window_length=net_config.window_length, input_mode=net_config.input_mode)
     elif checkpoint is None:
         net_config = config_for_geometry(geometry, config.width, window_length=config.window_length,
                                          input_mode=config.input_mode, normalization=config.normalization)
