@@ -119,3 +119,39 @@ def test_reconstructor_without_a_model_uses_the_shipped_one():
     from biref_sdk.network.io import shipped_model_path
 
     assert ModelReconstructor(None).model.path == str(shipped_model_path())
+
+
+def test_a_model_with_the_formula_prior_round_trips_and_its_session_equals_the_whole_forward(tmp_path):
+    from biref_sdk.network.preprocess import formula_prior, formula_reconstructor
+
+    network = tiny_network(seed=5, prior="formula", normalization="none")
+    path = tmp_path / "prior.h5"
+    save_model(path, network, tiny_geometry())
+    with h5py.File(path, "r") as handle:
+        assert handle.attrs["format_version"] == 2
+    loaded = load_model(path)
+    assert loaded.config == network.config and loaded.config.prior == "formula"
+    geometry = tiny_geometry()
+    acquisition = _acquisition(geometry, seed=4)
+    windows = InputPreprocessor(loaded.config, geometry, acquisition.background).acquisition(acquisition.holograms)
+    prior = formula_prior(formula_reconstructor(loaded.config).reconstruct(acquisition), loaded.config)
+    with torch.no_grad():
+        ne, no, q = loaded.network(windows[None], prior[None])
+    session = ModelReconstructor(loaded).start(geometry, acquisition.background)
+    views = [(p, v) for p in range(2) for v in range(geometry.n_views)]
+    for i in np.random.default_rng(2).permutation(len(views)):
+        p, v = views[i]
+        session.add_view(p, v, acquisition.holograms[p, v])
+    volume = session.finalize()
+    # the formula session sums its views in arrival order (float32): index differences of ~1e-6
+    np.testing.assert_allclose(volume.ne, ne[0].numpy(), atol=2e-5)
+    np.testing.assert_allclose(volume.no, no[0].numpy(), atol=2e-5)
+    assert volume.parameters["prior"] == "formula"
+
+
+def test_an_unknown_format_version_is_refused(model_file):
+    path = model_file[0]
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["format_version"] = 3
+    with pytest.raises(ModelFileError, match="format_version 3, this SDK reads 1, 2"):
+        load_model(path)

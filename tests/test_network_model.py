@@ -28,8 +28,9 @@ def tiny_network(seed: int = 0, **overrides) -> BirefNet:
     # non-trivial batch-norm statistics, so that evaluation mode is not an identity
     network.train()
     with torch.no_grad():
+        prior = torch.randn(2, config.prior_channels, *config.volume_shape) if config.prior_channels else None
         for _ in range(2):
-            network(torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape))
+            network(torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape), prior)
     return network.eval()
 
 
@@ -219,3 +220,74 @@ def test_preprocessor_rejects_a_wrong_background():
         InputPreprocessor(config, geometry, np.ones((2, 3, 32, 32)))
     with pytest.raises(ValueError, match="non-positive"):
         InputPreprocessor(config.replace(input_mode="hologram"), geometry, np.zeros((2, 7, 32, 32)))
+
+
+# -- the formula prior ------------------------------------------------------------------------------
+def test_prior_configuration_records_every_formula_option():
+    from biref_sdk.reconstruction.formula import FormulaOptions
+
+    config = config_for_geometry(tiny_geometry(), "tiny", prior="formula", prior_options={"shrinkage": 0.0})
+    assert config.prior_channels == 7
+    assert set(config.prior_options) == set(FormulaOptions.__dataclass_fields__)
+    assert config.prior_options["shrinkage"] == 0.0
+    assert config.prior_options["regularization"] == FormulaOptions().regularization
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    assert config_for_geometry(tiny_geometry(), "tiny").prior_channels == 0
+    base = config_for_geometry(tiny_geometry(), "tiny").to_dict()
+    for bad in (dict(prior="learned"), dict(prior_options={"shrinkage": 0.0}),
+                dict(prior="formula", prior_options={"colour": 1})):
+        with pytest.raises((ValueError, TypeError)):
+            NetworkConfig(**{**base, **bad})
+
+
+def test_stage_by_stage_with_the_prior_equals_the_whole_forward():
+    network = tiny_network(seed=4, prior="formula", normalization="none")
+    config = network.config
+    windows = torch.randn(2, config.sequence_length, config.input_channels, 1, *config.input_shape)
+    prior = torch.randn(2, config.prior_channels, *config.volume_shape)
+    with torch.no_grad():
+        whole = network(windows, prior)
+        hidden, states = network.initial_hidden(2), []
+        for t in range(config.sequence_length):
+            hidden = network.gru_step(hidden, network.encode(windows[:, t]))
+            states.append(hidden)
+        staged = network.finalize(torch.stack(states, dim=1), prior)
+        other = network(windows, prior + 1.0)
+    for a, b in zip(whole, staged):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(whole[0], other[0])  # the prior reaches the output
+
+
+def test_the_prior_is_required_exactly_where_configured():
+    with_prior = tiny_network(prior="formula")
+    without = tiny_network()
+    config = with_prior.config
+    windows = torch.randn(1, config.sequence_length, config.input_channels, 1, *config.input_shape)
+    with pytest.raises(ValueError, match="needs its 'formula' prior"):
+        with_prior(windows)
+    with pytest.raises(ValueError, match="needs its 'formula' prior"):
+        with_prior(windows, torch.zeros(1, 7, 4, 4, 4))
+    with pytest.raises(ValueError, match="takes no prior"):
+        without(windows, torch.zeros(1, 7, *config.volume_shape))
+
+
+def test_formula_prior_channels_of_a_uniform_uniaxial_volume():
+    from biref_sdk.files import Volume
+    from biref_sdk.network.preprocess import formula_prior
+
+    config = config_for_geometry(tiny_geometry(), "tiny", prior="formula")
+    shape = config.volume_shape
+    director = np.zeros((3, *shape), np.float32)
+    director[2] = -1.0  # along z; the sign must not matter
+    volume = Volume(np.full(shape, 1.562, np.float32), np.full(shape, 1.546, np.float32), director,
+                    (1e-7, 5e-8, 5e-8), 1.54)
+    prior = formula_prior(volume, config).numpy()
+    span = config.index_max - config.index_min
+    assert prior.shape == (7, *shape)
+    np.testing.assert_allclose(prior[0], (1.562 - 1.54) / span, rtol=1e-5)
+    np.testing.assert_allclose(prior[1], (1.546 - 1.54) / span, rtol=1e-4)
+    # d = z: d dᵀ - I/3 = diag(-1/3, -1/3, 2/3) is 2/sqrt(6) times the second basis matrix
+    expected_q = np.array([0, 2 / math.sqrt(6), 0, 0, 0]) * (1.562 - 1.546) / span
+    np.testing.assert_allclose(prior[2:, 0, 0, 0], expected_q, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        formula_prior(Volume(volume.ne[:2], volume.no[:2], director[:, :2], volume.voxel_size_m, 1.54), config)

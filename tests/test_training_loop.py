@@ -172,3 +172,30 @@ def test_birefringent_q_loss_averages_over_voxels_with_a_director_only():
     assert float(losses(exact, batch, config, 1.0, "birefringent")["total"]) == 0.0
     with pytest.raises(ValueError, match="q_loss"):
         losses(outputs, batch, config, 1.0, "everywhere")
+
+
+def test_init_with_the_formula_prior_starts_from_the_initial_models_answers(tiny_data, tmp_path):
+    from biref_sdk.training import TrainConfig, train as train_fn
+    from biref_sdk.training.data import HologramDataset
+
+    train, val = tiny_data
+    common = ["--data", str(train), "--val", str(val), "--lr", "1e-3", "--epochs", "1", *TRAIN_ARGS]
+    assert biref(["train", *common, "--out", str(tmp_path / "plain"), "--normalization", "none"]) == 0
+    plain = load_model(tmp_path / "plain" / "last.h5")
+    config = TrainConfig(epochs=1, learning_rate=1e-12, prior="formula", threads=1)
+    train_fn(train, val, tmp_path / "prior", config, progress=False, log=lambda *a: None,
+             init=tmp_path / "plain" / "last.h5")
+    widened = load_model(tmp_path / "prior" / "last.h5")
+    assert widened.config == plain.config.replace(prior="formula")
+    assert widened.metadata["train_config"]["prior"] == "formula"
+    item = HologramDataset(val, widened.config)[0]
+    assert item["prior"].shape == (7, *widened.config.volume_shape)
+    with torch.no_grad():
+        before = plain.network(item["windows"][None])
+        after = widened.network(item["windows"][None], item["prior"][None])
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # a model with a prior cannot drop it
+    with pytest.raises(ValueError, match="cannot change"):
+        train_fn(train, val, tmp_path / "again", TrainConfig(epochs=1, threads=1), progress=False,
+                 log=lambda *a: None, init=tmp_path / "prior" / "last.h5")

@@ -17,6 +17,10 @@ from ..geometry import Geometry
 INPUT_MODES = ("field", "hologram")
 ATTENTION_MODES = ("position", "sequence")
 NORMALIZATIONS = ("batch", "none")
+PRIORS = ("none", "formula")
+# channels of the formula prior: (n_e - index_min) / span, (n_o - index_min) / span, and the five
+# Q-tensor components of the formula's director times (n_e - n_o) / span (zero where isotropic)
+PRIOR_CHANNELS = {"none": 0, "formula": 7}
 
 
 def window_layout(n_views: int, window_length: int) -> tuple[int, ...]:
@@ -77,6 +81,13 @@ class NetworkConfig:
     # the output range of n_e and n_o (the paper: 1.54 - 1.57)
     index_min: float = 1.54
     index_max: float = 1.57
+    # "none": the paper's network. "formula": the formula reconstruction of the same views
+    # (biref_sdk.reconstruction.formula, with ``prior_options``) is a second input of the decoder's
+    # last block and of the output layer. It carries what the network alone learns worst: the
+    # index values inside a sample, which need the full tensor tomography (MODEL_CARD.md)
+    prior: str = "none"
+    # FormulaOptions fields of the prior (all of them, so a model file fixes its prior exactly)
+    prior_options: dict | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hologram_shape", tuple(int(v) for v in self.hologram_shape))
@@ -86,6 +97,13 @@ class NetworkConfig:
         object.__setattr__(self, "decoder_channels", tuple(int(v) for v in self.decoder_channels))
         object.__setattr__(self, "decoder_strides",
                            tuple(tuple(int(s) for s in stride) for stride in self.decoder_strides))
+        if self.prior == "formula":
+            from ..reconstruction.formula import FormulaOptions
+
+            options = dataclasses.asdict(FormulaOptions(**(self.prior_options or {})))
+            if options["index_bounds"] is not None:
+                options["index_bounds"] = list(options["index_bounds"])
+            object.__setattr__(self, "prior_options", options)
         self.validate()
 
     def validate(self) -> None:
@@ -95,6 +113,10 @@ class NetworkConfig:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.prior == "none" and self.prior_options:
+            raise ValueError("prior_options are given but prior is 'none'")
         if len(self.encoder_channels) != 5 or len(self.encoder_strides) != 5:
             raise ValueError("the encoder has five down-residual blocks: give 5 channels and 5 strides")
         if len(self.decoder_channels) != 3 or len(self.decoder_strides) != 3:
@@ -130,6 +152,10 @@ class NetworkConfig:
     @property
     def input_channels(self) -> int:
         return 2 * self.channels_per_polarization
+
+    @property
+    def prior_channels(self) -> int:
+        return PRIOR_CHANNELS[self.prior]
 
     @property
     def input_shape(self) -> tuple[int, int]:

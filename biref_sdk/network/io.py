@@ -5,13 +5,17 @@ A model file is HDF5 (no pickle, so loading a file runs no code from it):
 | item | meaning |
 |---|---|
 | attr `kind` | `"model"` |
-| attr `format_version` | 1 |
+| attr `format_version` | 2 (this SDK reads 1 and 2) |
 | attr `sdk_version` | the biref_sdk version that wrote it |
 | attr `config` | JSON of :class:`~biref_sdk.network.config.NetworkConfig` |
 | attr `geometry` | JSON of the geometry attributes of docs/formats.md plus `hologram_shape` |
 | attr `metadata` | JSON: training recipe, metrics, anything else (readers accept any content) |
 | attr `sha256` | hex digest over config, geometry and every weight (name, dtype, shape, bytes) |
 | `weights/<name>` | one data set per entry of the PyTorch state dict |
+
+Format 2 adds the configuration keys `prior` and `prior_options` (the formula prior, see
+:class:`~biref_sdk.network.config.NetworkConfig`); a format 1 file has neither and reads as
+`prior = "none"`. Readers of format 1 refuse format 2 files by their version, with a clear error.
 
 Loading recomputes the digest and refuses a file whose digest differs (a corrupt or edited
 file), and refuses an acquisition geometry other than the one the model was trained for.
@@ -35,7 +39,8 @@ from ..geometry import Geometry
 from .config import NetworkConfig
 from .model import BirefNet
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 # trained_models/ of the source tree (a checkout or an editable install; wheels do not carry it)
@@ -155,8 +160,9 @@ def load_model(path, geometry: Geometry | None = None, device="cpu") -> LoadedMo
             if _text(handle.attrs.get("kind", "")) != "model":
                 raise ModelFileError(f"{path}: not a biref_sdk model file (attribute 'kind' is not 'model')")
             version = int(handle.attrs.get("format_version", -1))
-            if version != MODEL_FORMAT_VERSION:
-                raise ModelFileError(f"{path}: model format_version {version}, this SDK reads {MODEL_FORMAT_VERSION}")
+            if version not in READABLE_FORMAT_VERSIONS:
+                raise ModelFileError(f"{path}: model format_version {version}, this SDK reads "
+                                     f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
             for name in ("config", "geometry", "sha256"):
                 if name not in handle.attrs:
                     raise ModelFileError(f"{path}: attribute {name!r} is missing")

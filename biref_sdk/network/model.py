@@ -66,18 +66,24 @@ class DownResidualBlock(nn.Module):
 
 
 class UpResidualBlock(nn.Module):
-    """BN-ReLU-ConvTranspose3D (upsampling), then a Conv3D whose output is added to it (skip)."""
+    """BN-ReLU-ConvTranspose3D (upsampling), then a Conv3D whose output is added to it (skip).
 
-    def __init__(self, c_in: int, c_out: int, stride: tuple[int, int, int], normalization: str = "batch") -> None:
+    With ``extra_channels``, the Conv3D also reads an extra input on the block's output grid
+    (the formula prior), concatenated after the ReLU so that its signed values pass unchanged.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: tuple[int, int, int], normalization: str = "batch",
+                 extra_channels: int = 0) -> None:
         super().__init__()
         self.bn1 = _normalization(c_in, normalization)
         self.up = nn.ConvTranspose3d(c_in, c_out, kernel_size=stride, stride=stride)
         self.bn2 = _normalization(c_out, normalization)
-        self.conv = nn.Conv3d(c_out, c_out, 3, padding=1)
+        self.conv = nn.Conv3d(c_out + extra_channels, c_out, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         y = self.up(F.relu(self.bn1(x)))
-        return y + self.conv(F.relu(self.bn2(y)))
+        z = F.relu(self.bn2(y))
+        return y + self.conv(z if extra is None else torch.cat([z, extra], dim=1))
 
 
 class ConvGRU3d(nn.Module):
@@ -129,12 +135,13 @@ class BirefNet(nn.Module):
         self.gru = ConvGRU3d(config.encoder_channels[-1], config.hidden_channels)
         self.attention = SequenceAttention(config.hidden_channels, config.latent_shape, config.attention)
         channels = (config.hidden_channels,) + config.decoder_channels
+        prior = config.prior_channels
         self.decoder = nn.Sequential(*[UpResidualBlock(channels[i], channels[i + 1], config.decoder_strides[i],
-                                                       config.normalization)
+                                                       config.normalization, prior if i == 2 else 0)
                                        for i in range(3)])
         self.head_bn = _normalization(config.decoder_channels[-1], config.normalization)
-        # 2 index channels (n_e, n_o) + 5 Q-tensor components
-        self.head = nn.Conv3d(config.decoder_channels[-1], 7, 1)
+        # 2 index channels (n_e, n_o) + 5 Q-tensor components, from the features (and the prior)
+        self.head = nn.Conv3d(config.decoder_channels[-1] + prior, 7, 1)
         # start near the bottom of the index range, where the medium (most voxels) lies, without
         # saturating the sigmoids (their slope at -3 is still 0.045)
         with torch.no_grad():
@@ -151,10 +158,24 @@ class BirefNet(nn.Module):
     def gru_step(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.gru(hidden, features)
 
-    def finalize(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All hidden states ``[B, S, C_h, 1, h, w]`` -> ``ne``, ``no`` ``[B, Z, Y, X]`` and
-        ``q`` ``[B, 5, Z, Y, X]`` (Q-tensor components in :data:`Q_BASIS`)."""
-        out = self.head(F.relu(self.head_bn(self.decoder(self.attention(states)))))
+    def finalize(self, states: torch.Tensor, prior: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All hidden states ``[B, S, C_h, 1, h, w]`` (and, for ``config.prior == "formula"``, the
+        prior ``[B, 7, Z, Y, X]`` of :func:`biref_sdk.network.preprocess.formula_prior`) ->
+        ``ne``, ``no`` ``[B, Z, Y, X]`` and ``q`` ``[B, 5, Z, Y, X]`` (components in :data:`Q_BASIS`)."""
+        expected = (states.shape[0], self.config.prior_channels, *self.config.volume_shape)
+        if self.config.prior_channels:
+            if prior is None or tuple(prior.shape) != expected:
+                raise ValueError(f"this network needs its {self.config.prior!r} prior of shape {expected}, got "
+                                 f"{None if prior is None else tuple(prior.shape)}")
+            if tuple(prior.shape[2:]) != self.config.decoded_shape:
+                prior = F.interpolate(prior, size=self.config.decoded_shape, mode="trilinear", align_corners=False)
+        elif prior is not None:
+            raise ValueError("this network takes no prior (config.prior is 'none')")
+        x = self.attention(states)
+        x = self.decoder[2](self.decoder[1](self.decoder[0](x)), prior)
+        x = F.relu(self.head_bn(x))
+        out = self.head(x if prior is None else torch.cat([x, prior], dim=1))
         if tuple(out.shape[2:]) != self.config.volume_shape:
             out = F.interpolate(out, size=self.config.volume_shape, mode="trilinear", align_corners=False)
         lo, span = self.config.index_min, self.config.index_max - self.config.index_min
@@ -164,8 +185,10 @@ class BirefNet(nn.Module):
         return ne, no, out[:, 2:]
 
     # -- whole forward ---------------------------------------------------------------------------
-    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``windows`` ``[B, S, C_in, 1, H, W]`` (S = sequence length) -> ``(ne, no, q)``."""
+    def forward(self, windows: torch.Tensor, prior: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``windows`` ``[B, S, C_in, 1, H, W]`` (S = sequence length) and the prior (if the
+        configuration has one; see :meth:`finalize`) -> ``(ne, no, q)``."""
         b, s = windows.shape[:2]
         features = self.encode(windows.reshape(b * s, *windows.shape[2:]))
         features = features.reshape(b, s, *features.shape[1:])
@@ -174,7 +197,7 @@ class BirefNet(nn.Module):
         for t in range(s):  # s is fixed by the configuration, not by the data
             hidden = self.gru_step(hidden, features[:, t])
             states.append(hidden)
-        return self.finalize(torch.stack(states, dim=1))
+        return self.finalize(torch.stack(states, dim=1), prior)
 
 
 def q_from_director(director: torch.Tensor) -> torch.Tensor:

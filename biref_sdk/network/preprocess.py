@@ -16,6 +16,9 @@ Two input modes (``NetworkConfig.input_mode``):
 
 The views of a window (``NetworkConfig.window_views``) are then averaged, the two polarizations
 stacked as channels: one encoder input ``[C_in, 1, H', W']`` per window.
+
+A network with ``NetworkConfig.prior == "formula"`` also takes the formula reconstruction of the
+same acquisition (:func:`formula_prior`) in its decoder.
 """
 from __future__ import annotations
 
@@ -95,3 +98,31 @@ class InputPreprocessor:
         x = torch.cat(per_pol, dim=1)  # [used, C_in, H', W']
         x = x.reshape(self.config.sequence_length, self.config.window_length, *x.shape[1:]).mean(dim=1)
         return x[:, :, None]
+
+
+def formula_reconstructor(config: NetworkConfig, device="cpu"):
+    """The formula reconstructor that computes ``config``'s prior (``config.prior == "formula"``)."""
+    from ..reconstruction.formula import FormulaReconstructor
+
+    if config.prior != "formula":
+        raise ValueError(f"the network's prior is {config.prior!r}, not 'formula'")
+    options = dict(config.prior_options)
+    if options.get("index_bounds") is not None:
+        options["index_bounds"] = tuple(options["index_bounds"])
+    return FormulaReconstructor(device=device, **options)
+
+
+def formula_prior(volume, config: NetworkConfig) -> torch.Tensor:
+    """A formula reconstruction (a :class:`~biref_sdk.files.Volume`) -> the network's prior
+    ``[7, Z, Y, X]``: ``(n_e - index_min) / span``, ``(n_o - index_min) / span`` and the Q-tensor
+    components of the director times ``(n_e - n_o) / span``, which is sign-free and fades to zero
+    where the formula finds no birefringence (there its director means nothing)."""
+    from .model import q_from_director
+
+    if tuple(volume.shape) != config.volume_shape:
+        raise ValueError(f"the prior volume has shape {tuple(volume.shape)}, the network's is {config.volume_shape}")
+    span = config.index_max - config.index_min
+    ne = torch.as_tensor(volume.ne, dtype=torch.float32)
+    no = torch.as_tensor(volume.no, dtype=torch.float32)
+    q = q_from_director(torch.as_tensor(volume.director, dtype=torch.float32)) * ((ne - no) / span)
+    return torch.cat([((ne - config.index_min) / span)[None], ((no - config.index_min) / span)[None], q])

@@ -4,6 +4,10 @@ A session preprocesses each view as it arrives and adds it into its window's mea
 has all its views (both polarizations) it is encoded, and the 3D ConvGRU steps through every
 encoded window that is next in sequence order. ``finalize`` is then the last steps, attention and
 the decoder. The result equals the network's whole forward pass on the complete acquisition.
+
+A network with the formula prior (``NetworkConfig.prior``) also feeds every view to a formula
+session as it arrives; ``finalize`` finishes that session first and passes its volume to the
+decoder.
 """
 from __future__ import annotations
 
@@ -36,8 +40,13 @@ class ModelSession(ReconstructionSession):
         self._features: list[torch.Tensor | None] = [None] * config.sequence_length
         self._states: list[torch.Tensor] = []
         self._hidden = model.network.initial_hidden(1, self._device)
+        self._prior_session = None
+        if config.prior != "none":
+            self._prior_session = reconstructor.prior_reconstructor().start(geometry, background)
 
     def _add_view(self, polarization: int, view: int, hologram: np.ndarray) -> None:
+        if self._prior_session is not None:  # the formula uses every view, also those past the last window
+            self._prior_session.add_view(polarization, view, hologram)
         window = view // self._config.window_length
         if window >= self._config.sequence_length:
             return  # a view beyond the last whole window: the network does not use it
@@ -80,11 +89,18 @@ class ModelSession(ReconstructionSession):
                 # with views missing: the mean of those present (zero, i.e. no sample signal, if none)
                 self._encode(window)
         self._advance()
-        ne, no, q = self._model.network.finalize(torch.stack(self._states, dim=1))
+        prior = None
+        if self._prior_session is not None:
+            from ..network.preprocess import formula_prior
+
+            prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
+            prior = prior[None].to(self._device)
+        ne, no, q = self._model.network.finalize(torch.stack(self._states, dim=1), prior)
         director = director_from_q(q[0].cpu())
         parameters = {"method": "model", "model_sha256": self._model.sha256,
                       "model_file": os.path.basename(self._model.path or ""), "missing_views": missing,
-                      "window_length": self._config.window_length, "sequence_length": self._config.sequence_length}
+                      "window_length": self._config.window_length, "sequence_length": self._config.sequence_length,
+                      "prior": self._config.prior}
         return Volume(ne=ne[0].cpu().numpy(), no=no[0].cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
                       parameters=parameters)
@@ -111,6 +127,15 @@ class ModelReconstructor(Reconstructor):
             model = shipped_model_path()
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.network.to(self.device).eval()
+        self._prior_reconstructor = None
+
+    def prior_reconstructor(self):
+        """The formula reconstructor of the model's prior, built once (it caches per-geometry tables)."""
+        from ..network.preprocess import formula_reconstructor
+
+        if self._prior_reconstructor is None:
+            self._prior_reconstructor = formula_reconstructor(self.model.config, device=self.device)
+        return self._prior_reconstructor
 
     def start(self, geometry: Geometry, background: np.ndarray) -> ModelSession:
         return ModelSession(self, geometry, background)

@@ -24,10 +24,12 @@ def training_targets(ne: np.ndarray, no: np.ndarray, director: np.ndarray) -> di
 
 
 class HologramDataset(torch.utils.data.Dataset):
-    """Sample ``i`` of a data set file as ``{"windows": [S, C_in, 1, H', W'], "ne", "no", "q"}``.
+    """Sample ``i`` of a data set file as ``{"windows": [S, C_in, 1, H', W'], "ne", "no", "q"}``,
+    plus ``"prior"`` ``[7, Z, Y, X]`` for a network with a formula prior.
 
-    The preprocessed windows (demodulation is the costly part) are cached in memory as float16
-    after the first epoch when ``cache`` is set; truths are read from the file each time.
+    The preprocessed windows (demodulation is the costly part) and priors (a formula
+    reconstruction each) are cached in memory as float16 after the first epoch when ``cache`` is
+    set; truths are read from the file each time.
     """
 
     def __init__(self, path, config: NetworkConfig, cache: bool = True, limit: int | None = None) -> None:
@@ -40,6 +42,8 @@ class HologramDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: no samples to use")
         self.cache = cache
         self._cache: dict[int, torch.Tensor] = {}
+        self._prior_cache: dict[int, torch.Tensor] = {}
+        self._formula = None
 
     def __len__(self) -> int:
         return self.length
@@ -62,16 +66,33 @@ class HologramDataset(torch.utils.data.Dataset):
             return self._cache[index].to(torch.float32)
         return windows
 
+    def prior(self, index: int) -> torch.Tensor:
+        cached = self._prior_cache.get(index)
+        if cached is not None:
+            return cached.to(torch.float32)
+        from ..network.preprocess import formula_prior, formula_reconstructor
+
+        if self._formula is None:
+            self._formula = formula_reconstructor(self.config)
+        prior = formula_prior(self._formula.reconstruct(self.file.acquisition(index)), self.config)
+        if self.cache:
+            self._prior_cache[index] = prior.to(torch.float16)
+            return self._prior_cache[index].to(torch.float32)
+        return prior
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
         truth = self.file.truth(index)
         item = training_targets(truth.ne, truth.no, truth.director)
         item["windows"] = self.windows(index)
+        if self.config.prior != "none":
+            item["prior"] = self.prior(index)
         item["index"] = torch.tensor(index)
         return item
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_preprocessor"] = None
+        state["_formula"] = None
         return state

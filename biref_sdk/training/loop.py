@@ -57,6 +57,9 @@ class TrainConfig:
     normalization: str = "batch"
     window_length: int = 3
     input_mode: str = "field"
+    # "none" or "formula" (NetworkConfig.prior); with ``init`` from a network without the prior,
+    # the prior's new weights start at zero, so training starts from that network's answers
+    prior: str = "none"
     num_workers: int = 0
     cache: bool = True
     amp: bool = True  # mixed precision, used on CUDA only
@@ -107,6 +110,31 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
         progress = (epoch - 1) / max(config.epochs - 1, 1)
         return config.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
     raise ValueError(f"unknown schedule {config.schedule!r}: constant or cosine")
+
+
+def load_widened(network: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``network``, whose layers may read more input channels (a prior added).
+
+    A weight whose shape differs only in its input-channel axis (1) is copied into the first
+    channels and the new ones are set to zero: the widened network computes what the old one did.
+    """
+    own = network.state_dict()
+    if set(own) != set(state):
+        raise ValueError(f"the initial weights do not fit this network: {sorted(set(own) ^ set(state))[:5]}")
+    widened = {}
+    for name, value in state.items():
+        target = own[name]
+        if target.shape == value.shape:
+            widened[name] = value
+        elif (target.dim() == value.dim() >= 2 and target.shape[0] == value.shape[0]
+              and target.shape[2:] == value.shape[2:] and target.shape[1] > value.shape[1]):
+            grown = torch.zeros_like(target)
+            grown[:, :value.shape[1]] = value
+            widened[name] = grown
+        else:
+            raise ValueError(f"initial weight {name} has shape {tuple(value.shape)}, the network's is "
+                             f"{tuple(target.shape)}")
+    network.load_state_dict(widened)
 
 
 # -- distributed helpers -------------------------------------------------------------------------
@@ -210,7 +238,7 @@ def validate(network: BirefNet, dataset: HologramDataset, device: torch.device, 
     for index in tqdm(indices, desc="validate", leave=False, disable=not progress):
         item = dataset[index]
         batch = {k: v[None].to(device) for k, v in item.items()}
-        outputs = network(batch["windows"])
+        outputs = network(batch["windows"], batch.get("prior"))
         loss = losses(outputs, batch, config, q_weight, q_loss)
         ne, no = (o[0].float().cpu().numpy() for o in outputs[:2])
         values = [loss["ne"].item(), loss["no"].item(), loss["q"].item(), loss["total"].item(),
@@ -302,12 +330,17 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     if initial is not None:
         check_geometry(initial.geometry, geometry)
         net_config = initial.config
+        if config.prior != net_config.prior:
+            if net_config.prior != "none":
+                raise ValueError(f"--init model has the {net_config.prior!r} prior; it cannot change to {config.prior!r}")
+            net_config = net_config.replace(prior=config.prior)
         # the recorded recipe names the network actually trained, not the CLI defaults
         config = dataclasses.replace(config, normalization=net_config.normalization,
                                      window_length=net_config.window_length, input_mode=net_config.input_mode)
     elif checkpoint is None:
         net_config = config_for_geometry(geometry, config.width, window_length=config.window_length,
-                                         input_mode=config.input_mode, normalization=config.normalization)
+                                         input_mode=config.input_mode, normalization=config.normalization,
+                                         prior=config.prior)
     train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit)
     if initial is None and checkpoint is None:
         net_config = net_config.replace(input_scale=input_scale(train_set))
@@ -324,7 +357,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     start_epoch = 1
     best = -math.inf
     if initial is not None:
-        network.load_state_dict(initial.network.state_dict())
+        load_widened(network, initial.network.state_dict())
         log(f"initialised from {init} (sha256 {initial.sha256[:12]})")
     if checkpoint is not None:
         network.load_state_dict(checkpoint["model"])
@@ -378,7 +411,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
             with autocast:
-                outputs = model(batch["windows"])
+                outputs = model(batch["windows"], batch.get("prior"))
             loss = losses(outputs, batch, net_config, config.q_weight, config.q_loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss["total"]).backward()
