@@ -199,3 +199,20 @@ def test_init_with_the_formula_prior_starts_from_the_initial_models_answers(tiny
     with pytest.raises(ValueError, match="cannot change"):
         train_fn(train, val, tmp_path / "again", TrainConfig(epochs=1, threads=1), progress=False,
                  log=lambda *a: None, init=tmp_path / "prior" / "last.h5")
+
+
+def test_priors_kept_on_disk_are_reused_and_keyed_by_the_options(tiny_data, tmp_path):
+    from biref_sdk.network.config import config_for_geometry
+    from biref_sdk.training.data import HologramDataset
+
+    train = tiny_data[0]
+    config = config_for_geometry(tiny_geometry(), "tiny", window_length=2, prior="formula")
+    first = HologramDataset(train, config, prior_cache=tmp_path / "priors")
+    prior = first.prior(1)
+    assert sorted(p.name for p in first.prior_folder.iterdir()) == ["000001.pt"]
+    second = HologramDataset(train, config, prior_cache=tmp_path / "priors")
+    second._formula = "must not be used"  # a cached prior is read, not recomputed
+    torch.testing.assert_close(second.prior(1), prior, rtol=0, atol=0)
+    other = HologramDataset(train, config.replace(prior_options={**config.prior_options, "shrinkage": 0.0}),
+                            prior_cache=tmp_path / "priors")
+    assert other.prior_folder != first.prior_folder

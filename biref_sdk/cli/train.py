@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                    help="none: the paper's network; formula: the formula reconstruction of the same views "
                         "is a second input of the decoder's last block (with --init from a network without "
                         "it, its new weights start at zero)")
+    p.add_argument("--prior-cache", metavar="DIR",
+                   help="keep the formula priors on disk in DIR (shared by torchrun processes and later runs)")
     p.add_argument("--q-weight", type=float, default=0.1, help="weight of the Q-tensor (director) loss")
     p.add_argument("--q-loss", default="volume", choices=("volume", "birefringent"),
                    help="average the Q-tensor MSE over every voxel or only over birefringent ones")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                          q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
                          window_length=args.window_length,
-                         input_mode=args.input_mode, prior=args.prior, num_workers=args.workers, cache=not args.no_cache,
+                         input_mode=args.input_mode, prior=args.prior, prior_cache=args.prior_cache, num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,
                     progress=not args.no_progress, init=args.init)

@@ -32,6 +32,12 @@ Q_BASIS = torch.tensor([
 ], dtype=torch.float64)
 
 
+# The prior enters multiplied by this: its channels are of order 0.1 - 1, and the weights that read
+# them start at zero (training --init); Adam moves a weight by about the learning rate per step,
+# so without a gain they would need tens of thousands of steps to reach the slopes they need.
+PRIOR_GAIN = 10.0
+
+
 def _normalization(channels: int, kind: str) -> nn.Module:
     # "none" keeps a module in the BN's place (and its name in the state dict) that does nothing
     return nn.BatchNorm3d(channels) if kind == "batch" else nn.Identity()
@@ -168,6 +174,7 @@ class BirefNet(nn.Module):
             if prior is None or tuple(prior.shape) != expected:
                 raise ValueError(f"this network needs its {self.config.prior!r} prior of shape {expected}, got "
                                  f"{None if prior is None else tuple(prior.shape)}")
+            prior = PRIOR_GAIN * prior
             if tuple(prior.shape[2:]) != self.config.decoded_shape:
                 prior = F.interpolate(prior, size=self.config.decoded_shape, mode="trilinear", align_corners=False)
         elif prior is not None:

@@ -1,6 +1,11 @@
 """A PyTorch Dataset over a data set file (docs/formats.md): network inputs and training targets."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -29,10 +34,13 @@ class HologramDataset(torch.utils.data.Dataset):
 
     The preprocessed windows (demodulation is the costly part) and priors (a formula
     reconstruction each) are cached in memory as float16 after the first epoch when ``cache`` is
-    set; truths are read from the file each time.
+    set; truths are read from the file each time. ``prior_cache``: a folder where priors are also
+    kept on disk (float16), shared by the processes of a ``torchrun`` and by later runs; its
+    subfolder is keyed by the data file (path, size, modification time) and the prior's options.
     """
 
-    def __init__(self, path, config: NetworkConfig, cache: bool = True, limit: int | None = None) -> None:
+    def __init__(self, path, config: NetworkConfig, cache: bool = True, limit: int | None = None,
+                 prior_cache=None) -> None:
         self.file = Dataset(path)
         self.config = config
         self.geometry = self.file.geometry
@@ -44,6 +52,14 @@ class HologramDataset(torch.utils.data.Dataset):
         self._cache: dict[int, torch.Tensor] = {}
         self._prior_cache: dict[int, torch.Tensor] = {}
         self._formula = None
+        self.prior_folder = None
+        if prior_cache is not None and config.prior != "none":
+            stat = os.stat(path)
+            key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, config.prior,
+                              config.prior_options, config.volume_shape, config.index_min, config.index_max])
+            digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+            self.prior_folder = Path(prior_cache) / f"{Path(path).stem}-{digest}"
+            self.prior_folder.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return self.length
@@ -72,13 +88,21 @@ class HologramDataset(torch.utils.data.Dataset):
             return cached.to(torch.float32)
         from ..network.preprocess import formula_prior, formula_reconstructor
 
-        if self._formula is None:
-            self._formula = formula_reconstructor(self.config)
-        prior = formula_prior(self._formula.reconstruct(self.file.acquisition(index)), self.config)
+        stored = None if self.prior_folder is None else self.prior_folder / f"{index:06d}.pt"
+        if stored is not None and stored.is_file():
+            prior = torch.load(stored, weights_only=True)
+        else:
+            if self._formula is None:
+                self._formula = formula_reconstructor(self.config)
+            prior = formula_prior(self._formula.reconstruct(self.file.acquisition(index)), self.config)
+            prior = prior.to(torch.float16)  # the precision of the in-memory cache, on disk too
+            if stored is not None:
+                temporary = stored.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(prior, temporary)
+                os.replace(temporary, stored)  # atomic: a concurrent reader sees all or nothing
         if self.cache:
-            self._prior_cache[index] = prior.to(torch.float16)
-            return self._prior_cache[index].to(torch.float32)
-        return prior
+            self._prior_cache[index] = prior
+        return prior.to(torch.float32)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:

@@ -60,6 +60,7 @@ class TrainConfig:
     # "none" or "formula" (NetworkConfig.prior); with ``init`` from a network without the prior,
     # the prior's new weights start at zero, so training starts from that network's answers
     prior: str = "none"
+    prior_cache: str | None = None  # folder for priors on disk (HologramDataset)
     num_workers: int = 0
     cache: bool = True
     amp: bool = True  # mixed precision, used on CUDA only
@@ -341,11 +342,12 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         net_config = config_for_geometry(geometry, config.width, window_length=config.window_length,
                                          input_mode=config.input_mode, normalization=config.normalization,
                                          prior=config.prior)
-    train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit)
+    train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit,
+                                prior_cache=config.prior_cache)
     if initial is None and checkpoint is None:
         net_config = net_config.replace(input_scale=input_scale(train_set))
         train_set.config = net_config
-    val_set = HologramDataset(val, net_config, cache=config.cache)
+    val_set = HologramDataset(val, net_config, cache=config.cache, prior_cache=config.prior_cache)
     check_geometry(geometry, val_set.geometry)
 
     network = BirefNet(net_config).to(device)
