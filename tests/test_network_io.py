@@ -155,3 +155,21 @@ def test_an_unknown_format_version_is_refused(model_file):
         handle.attrs["format_version"] = 3
     with pytest.raises(ModelFileError, match="format_version 3, this SDK reads 1, 2"):
         load_model(path)
+
+
+def test_a_format_1_file_reads_as_a_network_without_prior(model_file):
+    import json
+
+    from biref_sdk.network.io import _digest
+
+    path, network, _ = model_file
+    with h5py.File(path, "r+") as handle:  # what an SDK of model format 1 wrote: no prior keys
+        config = json.loads(handle.attrs["config"])
+        del config["prior"], config["prior_options"]
+        config_json = json.dumps(config, sort_keys=True)
+        weights = {name: handle["weights"][name][()] for name in handle["weights"]}
+        handle.attrs["config"] = config_json
+        handle.attrs["format_version"] = 1
+        handle.attrs["sha256"] = _digest(config_json, handle.attrs["geometry"], weights)
+    loaded = load_model(path)
+    assert loaded.config == network.config and loaded.config.prior == "none"
