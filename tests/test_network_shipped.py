@@ -1,5 +1,6 @@
-"""The trained `small` model shipped in trained_models/: it loads (checksum verified), refuses
-another geometry, and turns a simulated acquisition into a finite volume in the index range."""
+"""The trained `small` models shipped in trained_models/ (the default, with the formula prior, and
+the paper's network alone): each loads (checksum verified), refuses another geometry, and turns a
+simulated acquisition into a finite volume in the index range."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,24 +10,26 @@ from biref_sdk.geometry import preset
 from biref_sdk.network import GeometryMismatchError, load_model
 from biref_sdk.network.io import shipped_model_path
 
-SHIPPED = shipped_model_path("biref_small")
+PRIORS = {"biref_small": "formula", "biref_small_paper": "none"}
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return load_model(SHIPPED, geometry=preset("small"))
+@pytest.fixture(scope="module", params=sorted(PRIORS))
+def shipped(request):
+    return load_model(shipped_model_path(request.param), geometry=preset("small"))
 
 
 def test_shipped_model_loads_with_its_checksum(shipped):
     assert len(shipped.sha256) == 64
     assert shipped.config.volume_shape == preset("small").volume_shape
-    assert SHIPPED.stat().st_size < 8e6  # a few MB
+    assert shipped.config.prior == PRIORS[shipped.path.rsplit("/", 1)[-1][:-3]]
+    assert sum(path.stat().st_size for path in shipped_model_path().parent.glob("*.h5")) < 8e6  # a few MB
     assert shipped.metadata["epoch"] >= 1
 
 
-def test_shipped_model_refuses_the_paper_geometry():
+@pytest.mark.parametrize("name", sorted(PRIORS))
+def test_shipped_model_refuses_the_paper_geometry(name):
     with pytest.raises(GeometryMismatchError):
-        load_model(SHIPPED, geometry=preset("paper"))
+        load_model(shipped_model_path(name), geometry=preset("paper"))
 
 
 def test_shipped_model_reconstructs_a_simulated_droplet(shipped):
@@ -38,9 +41,9 @@ def test_shipped_model_reconstructs_a_simulated_droplet(shipped):
     simulator = Simulator(geometry)
     acquisition = simulator.acquire(simulator.random_sample(np.random.default_rng(12345)), seed=7)
     volume = get_reconstructor("model", model=shipped).reconstruct(acquisition)
-    # no model given: the method uses the shipped one
-    default = get_reconstructor("model").reconstruct(acquisition)
-    np.testing.assert_array_equal(default.ne, volume.ne)
+    if shipped.path == str(shipped_model_path()):  # no model given: the method uses the default one
+        default = get_reconstructor("model").reconstruct(acquisition)
+        np.testing.assert_array_equal(default.ne, volume.ne)
     assert volume.shape == geometry.volume_shape
     for name in ("ne", "no"):
         values = getattr(volume, name)

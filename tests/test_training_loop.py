@@ -195,9 +195,13 @@ def test_init_with_the_formula_prior_starts_from_the_initial_models_answers(tiny
         after = widened.network(item["windows"][None], item["prior"][None])
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # a model with a prior cannot drop it
+    # a model with a prior keeps it when none is named, and cannot drop it
+    train_fn(train, val, tmp_path / "again", TrainConfig(epochs=1, learning_rate=1e-12, threads=1), progress=False,
+             log=lambda *a: None, init=tmp_path / "prior" / "last.h5")
+    again = load_model(tmp_path / "again" / "last.h5")
+    assert again.config.prior == "formula" and again.metadata["train_config"]["prior"] == "formula"
     with pytest.raises(ValueError, match="cannot change"):
-        train_fn(train, val, tmp_path / "again", TrainConfig(epochs=1, threads=1), progress=False,
+        train_fn(train, val, tmp_path / "dropped", TrainConfig(epochs=1, prior="none", threads=1), progress=False,
                  log=lambda *a: None, init=tmp_path / "prior" / "last.h5")
 
 

@@ -29,10 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--window-length", type=int, default=3, help="views averaged into one sequence step")
     p.add_argument("--input-mode", default="field", choices=("field", "hologram"),
                    help="field: demodulated, background-normalised fields; hologram: frames / background mean")
-    p.add_argument("--prior", default="none", choices=("none", "formula"),
+    p.add_argument("--prior", choices=("none", "formula"),
                    help="none: the paper's network; formula: the formula reconstruction of the same views "
                         "is a second input of the decoder's last block (with --init from a network without "
-                        "it, its new weights start at zero)")
+                        "it, its new weights start at zero). Default: the --init model's, else none")
     p.add_argument("--prior-cache", metavar="DIR",
                    help="keep the formula priors on disk in DIR (shared by torchrun processes and later runs)")
     p.add_argument("--q-weight", type=float, default=0.1, help="weight of the Q-tensor (director) loss")

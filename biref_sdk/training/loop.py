@@ -57,9 +57,10 @@ class TrainConfig:
     normalization: str = "batch"
     window_length: int = 3
     input_mode: str = "field"
-    # "none" or "formula" (NetworkConfig.prior); with ``init`` from a network without the prior,
-    # the prior's new weights start at zero, so training starts from that network's answers
-    prior: str = "none"
+    # "none" or "formula" (NetworkConfig.prior); None: the ``init`` model's, else "none". With
+    # ``init`` from a network without the prior, the prior's new weights start at zero, so
+    # training starts from that network's answers
+    prior: str | None = None
     prior_cache: str | None = None  # folder for priors on disk (HologramDataset)
     num_workers: int = 0
     cache: bool = True
@@ -331,17 +332,18 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     if initial is not None:
         check_geometry(initial.geometry, geometry)
         net_config = initial.config
-        if config.prior != net_config.prior:
+        if config.prior is not None and config.prior != net_config.prior:
             if net_config.prior != "none":
                 raise ValueError(f"--init model has the {net_config.prior!r} prior; it cannot change to {config.prior!r}")
             net_config = net_config.replace(prior=config.prior)
         # the recorded recipe names the network actually trained, not the CLI defaults
-        config = dataclasses.replace(config, normalization=net_config.normalization,
+        config = dataclasses.replace(config, normalization=net_config.normalization, prior=net_config.prior,
                                      window_length=net_config.window_length, input_mode=net_config.input_mode)
     elif checkpoint is None:
         net_config = config_for_geometry(geometry, config.width, window_length=config.window_length,
                                          input_mode=config.input_mode, normalization=config.normalization,
-                                         prior=config.prior)
+                                         prior=config.prior or "none")
+        config = dataclasses.replace(config, prior=net_config.prior)
     train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit,
                                 prior_cache=config.prior_cache)
     if initial is None and checkpoint is None:
