@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                          q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
                          window_length=args.window_length,
-                         input_mode=args.input_mode, prior=args.prior, prior_cache=args.prior_cache, num_workers=args.workers, cache=not args.no_cache,
+                         input_mode=args.input_mode, prior=args.prior, prior_cache=args.prior_cache,
+                         num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,
                     progress=not args.no_progress, init=args.init)

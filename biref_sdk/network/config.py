@@ -100,6 +100,10 @@ class NetworkConfig:
         if self.prior == "formula":
             from ..reconstruction.formula import FormulaOptions
 
+            unknown = set(self.prior_options or {}) - set(FormulaOptions.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown prior_options {sorted(unknown)}; known: "
+                                 f"{', '.join(FormulaOptions.__dataclass_fields__)}")
             options = dataclasses.asdict(FormulaOptions(**(self.prior_options or {})))
             if options["index_bounds"] is not None:
                 options["index_bounds"] = list(options["index_bounds"])

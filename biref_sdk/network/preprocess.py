@@ -27,6 +27,7 @@ import torch
 
 from ..geometry import Geometry
 from .config import NetworkConfig
+from .model import q_from_director
 
 
 def fourier_downsample(field: torch.Tensor, factor: int) -> torch.Tensor:
@@ -106,10 +107,7 @@ def formula_reconstructor(config: NetworkConfig, device="cpu"):
 
     if config.prior != "formula":
         raise ValueError(f"the network's prior is {config.prior!r}, not 'formula'")
-    options = dict(config.prior_options)
-    if options.get("index_bounds") is not None:
-        options["index_bounds"] = tuple(options["index_bounds"])
-    return FormulaReconstructor(device=device, **options)
+    return FormulaReconstructor(device=device, **config.prior_options)  # FormulaOptions takes bounds as a list
 
 
 def formula_prior(volume, config: NetworkConfig) -> torch.Tensor:
@@ -117,8 +115,6 @@ def formula_prior(volume, config: NetworkConfig) -> torch.Tensor:
     ``[7, Z, Y, X]``: ``(n_e - index_min) / span``, ``(n_o - index_min) / span`` and the Q-tensor
     components of the director times ``(n_e - n_o) / span``, which is sign-free and fades to zero
     where the formula finds no birefringence (there its director means nothing)."""
-    from .model import q_from_director
-
     if tuple(volume.shape) != config.volume_shape:
         raise ValueError(f"the prior volume has shape {tuple(volume.shape)}, the network's is {config.volume_shape}")
     span = config.index_max - config.index_min

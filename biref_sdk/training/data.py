@@ -12,7 +12,7 @@ import torch
 from ..files import Dataset
 from ..network.config import NetworkConfig
 from ..network.model import q_from_director
-from ..network.preprocess import InputPreprocessor
+from ..network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
 
 # voxels whose n_e - n_o is below this are isotropic: their director carries no information
 ISOTROPIC_BIREFRINGENCE = 1e-5
@@ -50,7 +50,7 @@ class HologramDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: no samples to use")
         self.cache = cache
         self._cache: dict[int, torch.Tensor] = {}
-        self._prior_cache: dict[int, torch.Tensor] = {}
+        self._priors: dict[int, torch.Tensor] = {}
         self._formula = None
         self.prior_folder = None
         if prior_cache is not None and config.prior != "none":
@@ -83,11 +83,9 @@ class HologramDataset(torch.utils.data.Dataset):
         return windows
 
     def prior(self, index: int) -> torch.Tensor:
-        cached = self._prior_cache.get(index)
+        cached = self._priors.get(index)
         if cached is not None:
             return cached.to(torch.float32)
-        from ..network.preprocess import formula_prior, formula_reconstructor
-
         stored = None if self.prior_folder is None else self.prior_folder / f"{index:06d}.pt"
         if stored is not None and stored.is_file():
             prior = torch.load(stored, weights_only=True)
@@ -101,7 +99,7 @@ class HologramDataset(torch.utils.data.Dataset):
                 torch.save(prior, temporary)
                 os.replace(temporary, stored)  # atomic: a concurrent reader sees all or nothing
         if self.cache:
-            self._prior_cache[index] = prior
+            self._priors[index] = prior
         return prior.to(torch.float32)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
