@@ -20,10 +20,10 @@ from test_network_model import tiny_frames, tiny_geometry
 TRAIN_ARGS = ["--width", "tiny", "--window-length", "2", "--no-progress", "--threads", "1"]
 
 
-def write_tiny_dataset(path, n: int, seed: int) -> None:
+def write_tiny_dataset(path, n: int, seed: int, n_views: int = 7) -> None:
     """Block-shaped birefringent samples seen as thin phase objects: enough for the loop's
     mechanics and for a network to learn something, with no wave optics."""
-    geometry = tiny_geometry()
+    geometry = tiny_geometry(n_views)
     rng = np.random.default_rng(seed)
     Z, Y, X = geometry.volume_shape
     H, W = geometry.hologram_shape
@@ -220,3 +220,43 @@ def test_priors_kept_on_disk_are_reused_and_keyed_by_the_options(tiny_data, tmp_
     other = HologramDataset(train, config.replace(prior_options={**config.prior_options, "shrinkage": 0.0}),
                             prior_cache=tmp_path / "priors")
     assert other.prior_folder != first.prior_folder
+
+
+def test_quarter_turn_augmentation_and_several_training_files(tmp_path):
+    from biref_sdk.training.data import HologramDataset
+    from biref_sdk.network.config import config_for_geometry
+
+    for name, seed in (("a", 0), ("b", 1), ("val", 2)):  # 9 views: a ring of 8 maps onto itself
+        write_tiny_dataset(tmp_path / f"{name}.h5", 2 if name != "val" else 1, seed=seed, n_views=9)
+    assert biref(["train", "--data", str(tmp_path / "a.h5"), "--data", str(tmp_path / "b.h5"),
+                  "--val", str(tmp_path / "val.h5"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                  "--augment", "quarter-turns", *TRAIN_ARGS]) == 0
+    model = load_model(tmp_path / "run" / "last.h5")
+    assert model.metadata["train_data"] == [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
+    assert model.metadata["train_config"]["augment"] == "quarter-turns"
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["train"]["loss"] > 0
+
+    # an item is its per-view inputs turned, then window-averaged; the turns are drawn at random
+    config = config_for_geometry(tiny_geometry(9), "tiny", window_length=2)
+    plain = HologramDataset(tmp_path / "a.h5", config)
+    augmented = HologramDataset(tmp_path / "a.h5", config, augment=True)
+    # the same windows (float16 per view against float16 per window)
+    torch.testing.assert_close(augmented.windows(1), plain.windows(1), atol=1e-3, rtol=0)
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        item = augmented[1]
+        torch.manual_seed(seed)
+        turns = int(torch.randint(4, ()))
+        views, expected = augmented.turns(augmented._inputs(1), plain[1], turns)
+        torch.testing.assert_close(item["windows"], augmented.preprocessor.window_mean(views), atol=0, rtol=0)
+        torch.testing.assert_close(item["ne"], expected["ne"], atol=0, rtol=0)
+        seen.add(turns)
+    assert len(seen) > 1
+
+
+def test_quarter_turns_need_a_symmetric_illumination_ring(tiny_data, tmp_path, capsys):
+    train, val = tiny_data  # 7 views: a ring of 6 at 60 degrees
+    assert biref(["train", "--data", str(train), "--val", str(val), "--out", str(tmp_path / "run"), "--epochs", "1",
+                  "--augment", "quarter-turns", *TRAIN_ARGS]) != 0
+    assert "does not map onto itself under a quarter turn" in capsys.readouterr().err

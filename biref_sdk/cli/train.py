@@ -11,7 +11,8 @@ def register(subparsers) -> None:
                     "file, validating each epoch. Writes OUT/checkpoint.pt, OUT/best.h5, OUT/last.h5, "
                     "OUT/history.json and OUT/loss_curve.png. Several GPUs or processes: "
                     "torchrun --nproc_per_node N -m biref_sdk train ...")
-    p.add_argument("--data", required=True, help="training data set file (HDF5, biref simulate)")
+    p.add_argument("--data", required=True, action="append",
+                   help="training data set file (HDF5, biref simulate); repeat it for several files of one geometry")
     p.add_argument("--val", required=True, help="validation data set file, same geometry")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=int, default=50, help="total epochs (default 50, the paper's)")
@@ -35,10 +36,13 @@ def register(subparsers) -> None:
                         "it, its new weights start at zero). Default: the --init model's, else none")
     p.add_argument("--prior-cache", metavar="DIR",
                    help="keep the formula priors on disk in DIR (shared by torchrun processes and later runs)")
+    p.add_argument("--augment", default="none", choices=("none", "quarter-turns"),
+                   help="quarter-turns: turn each training sample by a random number of quarter turns about the "
+                        "optical axis (inputs, truth and prior; an exact symmetry of the ring illumination)")
     p.add_argument("--q-weight", type=float, default=0.1, help="weight of the Q-tensor (director) loss")
     p.add_argument("--q-loss", default="volume", choices=("volume", "birefringent"),
                    help="average the Q-tensor MSE over every voxel or only over birefringent ones")
-    p.add_argument("--limit", type=int, help="use only the first N training samples")
+    p.add_argument("--limit", type=int, help="use only the first N samples of each training file")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--no-cache", action="store_true", help="do not keep preprocessed inputs in memory")
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                          q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
                          window_length=args.window_length,
-                         input_mode=args.input_mode, prior=args.prior, prior_cache=args.prior_cache,
+                         input_mode=args.input_mode, prior=args.prior, prior_cache=args.prior_cache, augment=args.augment,
                          num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,

@@ -91,14 +91,24 @@ class InputPreprocessor:
         """One frame ``[H, W]`` -> ``[channels_per_polarization, H', W']``."""
         return self.views(polarization, [view], np.asarray(hologram)[None])[0]
 
-    def acquisition(self, holograms) -> torch.Tensor:
-        """All frames ``[2, V, H, W]`` -> the window sequence ``[S, C_in, 1, H', W']``."""
+    def per_view(self, holograms, n_views: int | None = None) -> torch.Tensor:
+        """Frames ``[2, V, H, W]`` -> per-view inputs ``[n, C_in, H', W']`` of the first ``n_views``
+        views (all by default), the two polarizations stacked as channels."""
         holograms = np.asarray(holograms)
+        n = holograms.shape[1] if n_views is None else n_views
+        return torch.cat([self.views(p, range(n), holograms[p, :n]) for p in range(2)], dim=1)
+
+    def window_mean(self, per_view: torch.Tensor) -> torch.Tensor:
+        """Per-view inputs ``[>= used, C_in, H', W']`` -> the window sequence ``[S, C_in, 1, H', W']``."""
         used = self.config.sequence_length * self.config.window_length
-        per_pol = [self.views(p, range(used), holograms[p, :used]) for p in range(2)]  # [used, c, H', W'] each
-        x = torch.cat(per_pol, dim=1)  # [used, C_in, H', W']
+        x = per_view[:used]
         x = x.reshape(self.config.sequence_length, self.config.window_length, *x.shape[1:]).mean(dim=1)
         return x[:, :, None]
+
+    def acquisition(self, holograms) -> torch.Tensor:
+        """All frames ``[2, V, H, W]`` -> the window sequence ``[S, C_in, 1, H', W']``."""
+        used = self.config.sequence_length * self.config.window_length
+        return self.window_mean(self.per_view(holograms, used))
 
 
 def formula_reconstructor(config: NetworkConfig, device="cpu"):

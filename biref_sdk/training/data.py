@@ -13,6 +13,7 @@ from ..files import Dataset
 from ..network.config import NetworkConfig
 from ..network.model import q_from_director
 from ..network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
+from .augment import QuarterTurns
 
 # voxels whose n_e - n_o is below this are isotropic: their director carries no information
 ISOTROPIC_BIREFRINGENCE = 1e-5
@@ -36,11 +37,18 @@ class HologramDataset(torch.utils.data.Dataset):
     reconstruction each) are cached in memory as float16 after the first epoch when ``cache`` is
     set; truths are read from the file each time. ``prior_cache``: a folder where priors are also
     kept on disk (float16), shared by the processes of a ``torchrun`` and by later runs; its
-    subfolder is keyed by the data file (path, size, modification time) and the prior's options.
+    subfolder is keyed by the data file (path, size, modification time) and the prior's options;
+    priors kept on disk are not also kept in memory (the operating system's page cache holds them
+    once for all processes).
+
+    ``augment``: each item is turned by a random number of quarter turns about the optical axis
+    (:mod:`biref_sdk.training.augment`, an exact symmetry of the acquisition): inputs, truth and
+    prior. The turn acts on the per-view inputs, so those are cached instead of the windows (three
+    times the memory).
     """
 
     def __init__(self, path, config: NetworkConfig, cache: bool = True, limit: int | None = None,
-                 prior_cache=None) -> None:
+                 prior_cache=None, augment: bool = False) -> None:
         self.file = Dataset(path)
         self.config = config
         self.geometry = self.file.geometry
@@ -52,6 +60,7 @@ class HologramDataset(torch.utils.data.Dataset):
         self._cache: dict[int, torch.Tensor] = {}
         self._priors: dict[int, torch.Tensor] = {}
         self._formula = None
+        self.turns = QuarterTurns(self.geometry) if augment else None
         self.prior_folder = None
         if prior_cache is not None and config.prior != "none":
             stat = os.stat(path)
@@ -70,17 +79,24 @@ class HologramDataset(torch.utils.data.Dataset):
             self._preprocessor = InputPreprocessor(self.config, self.geometry, self.file.background)
         return self._preprocessor
 
-    def windows(self, index: int) -> torch.Tensor:
+    def _inputs(self, index: int) -> torch.Tensor:
+        """The windows ``[S, C_in, 1, H', W']``, or with ``augment`` the per-view inputs ``[V, C_in, H', W']``."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached.to(torch.float32)
-        windows = self.preprocessor.acquisition(self.file.holograms(index))
+        holograms = self.file.holograms(index)
+        inputs = self.preprocessor.per_view(holograms) if self.turns is not None else self.preprocessor.acquisition(holograms)
         if self.cache:
             # the first epoch sees the same float16-rounded inputs as the later ones (and a
             # resumed run, whose cache starts empty, the same as an uninterrupted one)
-            self._cache[index] = windows.to(torch.float16)
+            self._cache[index] = inputs.to(torch.float16)
             return self._cache[index].to(torch.float32)
-        return windows
+        return inputs
+
+    def windows(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s window sequence ``[S, C_in, 1, H', W']`` as recorded (never turned)."""
+        inputs = self._inputs(index)
+        return self.preprocessor.window_mean(inputs) if self.turns is not None else inputs
 
     def prior(self, index: int) -> torch.Tensor:
         cached = self._priors.get(index)
@@ -98,7 +114,7 @@ class HologramDataset(torch.utils.data.Dataset):
                 temporary = stored.with_suffix(f".{os.getpid()}.tmp")
                 torch.save(prior, temporary)
                 os.replace(temporary, stored)  # atomic: a concurrent reader sees all or nothing
-        if self.cache:
+        if self.cache and stored is None:
             self._priors[index] = prior
         return prior.to(torch.float32)
 
@@ -107,9 +123,14 @@ class HologramDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         truth = self.file.truth(index)
         item = training_targets(truth.ne, truth.no, truth.director)
-        item["windows"] = self.windows(index)
         if self.config.prior != "none":
             item["prior"] = self.prior(index)
+        if self.turns is None:
+            item["windows"] = self.windows(index)
+        else:
+            turns = int(torch.randint(4, ()))  # the global generator: seeded per rank, checkpointed
+            views, item = self.turns(self._inputs(index), item, turns)
+            item["windows"] = self.preprocessor.window_mean(views)
         item["index"] = torch.tensor(index)
         return item
 

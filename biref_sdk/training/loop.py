@@ -62,10 +62,13 @@ class TrainConfig:
     # training starts from that network's answers
     prior: str | None = None
     prior_cache: str | None = None  # folder for priors on disk (HologramDataset)
+    # "none" or "quarter-turns": each training item turned by a random number of quarter turns
+    # about the optical axis (training.augment; an exact symmetry of the acquisition)
+    augment: str = "none"
     num_workers: int = 0
     cache: bool = True
     amp: bool = True  # mixed precision, used on CUDA only
-    limit: int | None = None  # use only the first ``limit`` training samples (tests, quick runs)
+    limit: int | None = None  # use only the first ``limit`` samples of each training file (tests, quick runs)
     threads: int | None = None  # torch CPU threads per process
 
     def to_dict(self) -> dict:
@@ -276,9 +279,13 @@ def plot_history(history: list[dict], path) -> None:
 
 
 # -- training -------------------------------------------------------------------------------------
+AUGMENTATIONS = ("none", "quarter-turns")
+
+
 def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = False, device: str | None = None,
           progress: bool = True, log=print, init=None) -> list[dict]:
-    """Train on data set file ``data``, validate on ``val`` each epoch, write into folder ``out``.
+    """Train on data set file ``data`` (or a list of files of one geometry), validate on ``val``
+    each epoch, write into folder ``out``.
 
     With ``resume`` the state in ``out/checkpoint.pt`` is restored and training continues at the
     next epoch (with the same configuration; ``epochs`` may be raised). With ``init`` (a model
@@ -325,9 +332,14 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     learning_rate(config, 1)  # validates the schedule before any work
     if config.q_loss not in ("volume", "birefringent"):
         raise ValueError(f"unknown q_loss {config.q_loss!r}: volume or birefringent")
+    if config.augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {config.augment!r}: one of {AUGMENTATIONS}")
+    data_files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not data_files:
+        raise ValueError("no training data file given")
     _seed_everything(config.seed + dist_info.rank)
 
-    with Dataset(data) as handle:
+    with Dataset(data_files[0]) as handle:
         geometry = handle.geometry
     if initial is not None:
         check_geometry(initial.geometry, geometry)
@@ -344,11 +356,16 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
                                          input_mode=config.input_mode, normalization=config.normalization,
                                          prior=config.prior or "none")
         config = dataclasses.replace(config, prior=net_config.prior)
-    train_set = HologramDataset(data, net_config, cache=config.cache, limit=config.limit,
-                                prior_cache=config.prior_cache)
+    train_parts = [HologramDataset(path, net_config, cache=config.cache, limit=config.limit,
+                                   prior_cache=config.prior_cache, augment=config.augment == "quarter-turns")
+                   for path in data_files]
+    for part in train_parts[1:]:
+        check_geometry(geometry, part.geometry)
     if initial is None and checkpoint is None:
-        net_config = net_config.replace(input_scale=input_scale(train_set))
-        train_set.config = net_config
+        net_config = net_config.replace(input_scale=input_scale(train_parts[0]))
+        for part in train_parts:
+            part.config = net_config
+    train_set = train_parts[0] if len(train_parts) == 1 else torch.utils.data.ConcatDataset(train_parts)
     val_set = HologramDataset(val, net_config, cache=config.cache, prior_cache=config.prior_cache)
     check_geometry(geometry, val_set.geometry)
 
@@ -388,7 +405,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         f"{len(train_set)} training / {len(val_set)} validation samples; device {device}; "
         f"world size {dist_info.world_size}; sequence {net_config.sequence_length} windows of "
         f"{net_config.window_length} views; latent {net_config.latent_shape}")
-    metadata_base = {"train_config": config.to_dict(), "train_data": str(data), "val_data": str(val),
+    train_data = str(data_files[0]) if len(data_files) == 1 else [str(path) for path in data_files]
+    metadata_base = {"train_config": config.to_dict(), "train_data": train_data, "val_data": str(val),
                      "parameters": n_parameters}
     if initial is not None:
         metadata_base["initialised_from"] = {"path": str(init), "sha256": initial.sha256,
