@@ -173,3 +173,47 @@ def test_a_format_1_file_reads_as_a_network_without_prior(model_file):
         handle.attrs["sha256"] = _digest(config_json, handle.attrs["geometry"], weights)
     loaded = load_model(path)
     assert loaded.config == network.config and loaded.config.prior == "none"
+
+
+def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_back(tmp_path, model_file):
+    from biref_sdk.network.config import config_for_geometry
+    from biref_sdk.network.model import BirefNet
+    from biref_sdk.network.preprocess import formula_prior, formula_reconstructor
+    from biref_sdk.network.symmetry import quarter_turn_sources, turn_image, turn_output, turn_q, turn_views
+
+    geometry = tiny_geometry(9)  # a ring of 8 views maps onto itself under a quarter turn
+    torch.manual_seed(6)
+    network = BirefNet(config_for_geometry(geometry, "tiny", window_length=2, prior="formula",
+                                           normalization="none")).eval()
+    path = tmp_path / "nine.h5"
+    save_model(path, network, geometry)
+    loaded = load_model(path)
+    acquisition = _acquisition(geometry, seed=5)
+    preprocessor = InputPreprocessor(loaded.config, geometry, acquisition.background)
+    views = preprocessor.per_view(acquisition.holograms)
+    prior = formula_prior(formula_reconstructor(loaded.config).reconstruct(acquisition), loaded.config)
+    sources = quarter_turn_sources(geometry)
+    answers = []
+    with torch.no_grad():
+        for turn in range(4):
+            ne, no, q = loaded.network(preprocessor.window_mean(views)[None], prior[None])
+            answers.append(turn_output(ne[0], no[0], q[0], -turn))
+            views = turn_views(views, sources)
+            prior = torch.cat([turn_image(prior[:2]), turn_q(prior[2:])])
+    expected_ne, expected_no, _ = (torch.stack(a).mean(dim=0) for a in zip(*answers))
+    assert (answers[1][0] - answers[0][0]).abs().max() > 1e-4  # an untrained network is not turn-invariant
+
+    session = ModelReconstructor(loaded, quarter_turns=True).start(geometry, acquisition.background)
+    order = [(p, v) for p in range(2) for v in range(geometry.n_views)]
+    for i in np.random.default_rng(3).permutation(len(order)):
+        session.add_view(*order[i], acquisition.holograms[order[i]])
+    volume = session.finalize()
+    np.testing.assert_allclose(volume.ne, expected_ne.numpy(), atol=2e-5)
+    np.testing.assert_allclose(volume.no, expected_no.numpy(), atol=2e-5)
+    assert volume.parameters["quarter_turns"] is True
+
+    with pytest.raises(ValueError, match="quarter turn"):  # 7 views: a ring of 6
+        ModelReconstructor(load_model(model_file[0]), quarter_turns=True).start(
+            tiny_geometry(), _acquisition(tiny_geometry()).background)
+    with pytest.raises(ValueError, match="True or False"):
+        ModelReconstructor(loaded, quarter_turns="yes")

@@ -1,13 +1,15 @@
 """The trained network behind the common :class:`Reconstructor` interface.
 
-A session preprocesses each view as it arrives and adds it into its window's mean; when a window
-has all its views (both polarizations) it is encoded, and the 3D ConvGRU steps through every
-encoded window that is next in sequence order. ``finalize`` is then the last steps, attention and
+A session preprocesses each view as it arrives and keeps it; when a window has all its views
+(both polarizations) their mean is encoded, and the 3D ConvGRU steps through every encoded
+window that is next in sequence order. ``finalize`` is then the last steps, attention and
 the decoder. The result equals the network's whole forward pass on the complete acquisition.
 
 A network with the formula prior (``NetworkConfig.prior``) also feeds every view to a formula
 session as it arrives; ``finalize`` finishes that session first and passes its volume to the
-decoder.
+decoder. With ``quarter_turns`` the same runs for the acquisition turned by one, two and three
+quarter turns about the optical axis (its windows are other sets of the same views), and the four
+answers, turned back, are averaged.
 """
 from __future__ import annotations
 
@@ -34,12 +36,30 @@ class ModelSession(ReconstructionSession):
         config = model.config
         self._config = config
         self._preprocessor = InputPreprocessor(config, geometry, background)
+        used = config.sequence_length * config.window_length
+        # the original views that make window j of turn t (turn 0: the acquisition as recorded)
+        view_maps = [np.arange(geometry.n_views)]
+        if reconstructor.quarter_turns:
+            from ..network.symmetry import quarter_turn_sources
+
+            if config.input_mode != "field":
+                raise ValueError(f"quarter_turns needs a network with field inputs, not {config.input_mode!r}")
+            sources = quarter_turn_sources(geometry)
+            for _ in range(3):
+                view_maps.append(sources[view_maps[-1]])
+        self._window_views = [m[:used].reshape(config.sequence_length, config.window_length) for m in view_maps]
+        self._waiting: dict[int, list[tuple[int, int]]] = {}  # original view -> (turn, window) it is part of
+        for turn, windows in enumerate(self._window_views):
+            for window, views in enumerate(windows):
+                for view in views:
+                    self._waiting.setdefault(int(view), []).append((turn, window))
         c = config.channels_per_polarization
-        self._sums = torch.zeros(config.sequence_length, 2, c, *config.input_shape)
-        self._counts = np.zeros((config.sequence_length, 2), dtype=int)
-        self._features: list[torch.Tensor | None] = [None] * config.sequence_length
-        self._states: list[torch.Tensor] = []
-        self._hidden = model.network.initial_hidden(1, self._device)
+        self._views = torch.zeros(geometry.n_views, 2, c, *config.input_shape)  # per-view inputs as they arrive
+        turns = len(view_maps)
+        self._features: list[list[torch.Tensor | None]] = [[None] * config.sequence_length for _ in range(turns)]
+        self._encoded = np.zeros((turns, config.sequence_length), dtype=bool)
+        self._states: list[list[torch.Tensor]] = [[] for _ in range(turns)]
+        self._hidden = [model.network.initial_hidden(1, self._device) for _ in range(turns)]
         self._prior_session = None
         if config.prior != "none":
             self._prior_session = reconstructor.prior_reconstructor().start(geometry, background)
@@ -47,61 +67,80 @@ class ModelSession(ReconstructionSession):
     def _add_view(self, polarization: int, view: int, hologram: np.ndarray) -> None:
         if self._prior_session is not None:  # the formula uses every view, also those past the last window
             self._prior_session.add_view(polarization, view, hologram)
-        window = view // self._config.window_length
-        if window >= self._config.sequence_length:
+        waiting = self._waiting.get(view)
+        if not waiting:
             return  # a view beyond the last whole window: the network does not use it
-        self._sums[window, polarization] += self._preprocessor.view(polarization, view, hologram)
-        self._counts[window, polarization] += 1
-        if self._counts[window].min() == self._config.window_length:
-            self._encode(window)
-            self._advance()
+        self._views[view, polarization] = self._preprocessor.view(polarization, view, hologram)
+        received = self.received.copy()
+        received[polarization, view] = True  # the base class marks it after this call
+        for turn, window in waiting:
+            if received[:, self._window_views[turn][window]].all():
+                self._encode(turn, window, received)
+                self._advance(turn)
 
     @torch.no_grad()
-    def _encode(self, window: int) -> None:
-        counts = torch.as_tensor(np.maximum(self._counts[window], 1), dtype=torch.float32)
-        mean = self._sums[window] / counts[:, None, None, None]  # [2, c, H', W']
-        x = mean.reshape(1, -1, 1, *self._config.input_shape).to(self._device)
-        self._features[window] = self._model.network.encode(x)
-        self._sums[window] = 0  # no longer needed
+    def _encode(self, turn: int, window: int, received: np.ndarray) -> None:
+        from ..network.symmetry import turn_inputs
+
+        views = self._window_views[turn][window]
+        counts = torch.as_tensor(np.maximum(received[:, views].sum(axis=1), 1), dtype=torch.float32)
+        # the mean of each polarization's views (missing ones are zero: no sample signal)
+        mean = self._views[views].sum(dim=0) / counts[:, None, None, None]  # [2, c, H', W']
+        x = mean.reshape(-1, *self._config.input_shape)
+        for _ in range(turn):
+            x = turn_inputs(x)
+        self._features[turn][window] = self._model.network.encode(x[None, :, None].to(self._device))
+        self._encoded[turn, window] = True
 
     @torch.no_grad()
-    def _advance(self) -> None:
-        while len(self._states) < self._config.sequence_length and self._features[len(self._states)] is not None:
-            step = len(self._states)
-            self._hidden = self._model.network.gru_step(self._hidden, self._features[step])
-            self._features[step] = None
-            self._states.append(self._hidden)
+    def _advance(self, turn: int) -> None:
+        states, features = self._states[turn], self._features[turn]
+        while len(states) < self._config.sequence_length and features[len(states)] is not None:
+            step = len(states)
+            self._hidden[turn] = self._model.network.gru_step(self._hidden[turn], features[step])
+            features[step] = None
+            states.append(self._hidden[turn])
 
     def missing_views(self) -> int:
         """Views the network uses that have not arrived."""
-        used = self._config.sequence_length * self._config.window_length
-        return int((~self.received[:, :used]).sum())
+        used = np.zeros(self.geometry.n_views, dtype=bool)
+        used[list(self._waiting)] = True
+        return int((~self.received[:, used]).sum())
 
     @torch.no_grad()
     def finalize(self, allow_missing: bool = False) -> Volume:
         from ..network.model import director_from_q
+        from ..network.symmetry import turn_output
 
         missing = self.missing_views()
         if missing and not allow_missing:
             raise ValueError(f"{missing} views are missing; pass allow_missing=True to reconstruct without them")
-        for window in range(self._config.sequence_length):
-            if len(self._states) <= window and self._features[window] is None:
-                # with views missing: the mean of those present (zero, i.e. no sample signal, if none)
-                self._encode(window)
-        self._advance()
+        turns = len(self._states)
+        for turn in range(turns):
+            for window in np.flatnonzero(~self._encoded[turn]):
+                self._encode(turn, int(window), self.received)  # with views missing: those present
+            self._advance(turn)
         prior = None
         if self._prior_session is not None:
             from ..network.preprocess import formula_prior
+            from ..network.symmetry import turn_image, turn_q
 
             prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
-            prior = prior[None].to(self._device)
-        ne, no, q = self._model.network.finalize(torch.stack(self._states, dim=1), prior)
-        director = director_from_q(q[0].cpu())
+            priors = [prior]
+            for _ in range(1, turns):
+                priors.append(torch.cat([turn_image(priors[-1][:2]), turn_q(priors[-1][2:])]))
+            prior = torch.stack(priors).to(self._device)
+        states = torch.cat([torch.stack(s, dim=1) for s in self._states])  # [turns, S, ...]
+        ne, no, q = self._model.network.finalize(states, prior)
+        # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
+        answers = [turn_output(ne[t], no[t], q[t], -t) for t in range(turns)]
+        ne, no, q = (torch.stack(a).mean(dim=0) for a in zip(*answers))
+        director = director_from_q(q.cpu())
         parameters = {"method": "model", "model_sha256": self._model.sha256,
                       "model_file": os.path.basename(self._model.path or ""), "missing_views": missing,
                       "window_length": self._config.window_length, "sequence_length": self._config.sequence_length,
-                      "prior": self._config.prior}
-        return Volume(ne=ne[0].cpu().numpy(), no=no[0].cpu().numpy(), director=director.numpy(),
+                      "prior": self._config.prior, "quarter_turns": turns > 1}
+        return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
                       parameters=parameters)
 
@@ -110,11 +149,17 @@ class ModelReconstructor(Reconstructor):
     """The paper's network from a model file (checksum verified; nothing is downloaded).
 
     ``model``: a path to a model file or a :class:`~biref_sdk.network.io.LoadedModel`.
+    ``quarter_turns``: also run the network on the acquisition turned by one, two and three
+    quarter turns about the optical axis (:mod:`biref_sdk.network.symmetry`, exact for the ring
+    illumination) and average the four answers, turned back. The turned sequences are encoded
+    as their views arrive too, but their windows mix early and late views, so more of the work
+    is left for ``finalize`` (about three more decoder passes).
     """
 
     name = "model"
 
-    def __init__(self, model=None, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model=None, device: str = "cpu", threads: int | None = None,
+                 quarter_turns: bool = False) -> None:
         """``model``: a model file, a loaded model, or None for the shipped ``small`` model."""
         from ..network.io import LoadedModel, load_model, shipped_model_path
 
@@ -128,6 +173,9 @@ class ModelReconstructor(Reconstructor):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.network.to(self.device).eval()
         self._prior_reconstructor = None
+        if not isinstance(quarter_turns, bool):
+            raise ValueError(f"quarter_turns must be True or False, got {quarter_turns!r}")
+        self.quarter_turns = quarter_turns
 
     def prior_reconstructor(self):
         """The formula reconstructor of the model's prior, built once (it caches per-geometry tables)."""

@@ -13,7 +13,7 @@ from ..files import Dataset
 from ..network.config import NetworkConfig
 from ..network.model import q_from_director
 from ..network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
-from .augment import QuarterTurns
+from ..network.symmetry import QuarterTurns
 
 # voxels whose n_e - n_o is below this are isotropic: their director carries no information
 ISOTROPIC_BIREFRINGENCE = 1e-5
@@ -42,7 +42,7 @@ class HologramDataset(torch.utils.data.Dataset):
     once for all processes).
 
     ``augment``: each item is turned by a random number of quarter turns about the optical axis
-    (:mod:`biref_sdk.training.augment`, an exact symmetry of the acquisition): inputs, truth and
+    (:mod:`biref_sdk.network.symmetry`, an exact symmetry of the acquisition): inputs, truth and
     prior. The turn acts on the per-view inputs, so those are cached instead of the windows (three
     times the memory).
     """

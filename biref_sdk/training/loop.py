@@ -63,7 +63,7 @@ class TrainConfig:
     prior: str | None = None
     prior_cache: str | None = None  # folder for priors on disk (HologramDataset)
     # "none" or "quarter-turns": each training item turned by a random number of quarter turns
-    # about the optical axis (training.augment; an exact symmetry of the acquisition)
+    # about the optical axis (network.symmetry; an exact symmetry of the acquisition)
     augment: str = "none"
     num_workers: int = 0
     cache: bool = True

@@ -14,7 +14,7 @@ from biref_sdk.network.model import q_from_director
 from biref_sdk.network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
 from biref_sdk.samples import random_sample, volume_sample
 from biref_sdk.simulate import SimulationConfig, Simulator
-from biref_sdk.training.augment import QuarterTurns, quarter_turn_sources, turn_image, turn_q
+from biref_sdk.network.symmetry import QuarterTurns, quarter_turn_sources, turn_image, turn_q
 
 TURN = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 

@@ -1,4 +1,4 @@
-"""Quarter turns about the optical axis: an exact symmetry of the DTT acquisition, for training.
+"""Quarter turns about the optical axis: an exact symmetry of the DTT acquisition.
 
 Turning the sample by +90 degrees about z (x^ -> y^) and turning the illumination ring with it
 gives the acquisition of the turned sample: its view k is the original view whose illumination
@@ -13,8 +13,10 @@ The turn maps the grid onto itself about index N/2 (coordinate 0 of the volume a
 The windows of the turned acquisition mix views of different original windows, so a turn acts
 on the per-view inputs, before the window mean.
 
-``tests/test_training_augment.py`` checks all of it against the simulator: the turned inputs of
-a sample are the inputs of the turned sample.
+Training uses it to augment (``biref train --augment quarter-turns``), the model reconstructor
+to average the network's answers over the four turns (``quarter_turns=True``).
+``tests/test_quarter_turns.py`` checks it against the simulator: the turned inputs of a sample
+are the inputs of the turned sample.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry
-from ..network.model import Q_BASIS
+from .model import Q_BASIS
 
 # per input polarization the field channels are Re u_x, Re u_y, Im u_x, Im u_y
 # (network.preprocess.InputPreprocessor); a quarter turn maps polarization p' <- p with these signs
@@ -68,19 +70,32 @@ _Q_TURN = _q_turn_matrix()
 
 
 def turn_q(q: torch.Tensor) -> torch.Tensor:
-    """Q components ``[5, Z, Y, X]`` of a turned sample: spatially turned, and R Q R^T."""
-    mixed = torch.einsum("kl,l...->k...", _Q_TURN.to(q.dtype), q)
-    return turn_image(mixed)
+    """Q components ``[..., 5, Z, Y, X]`` of a turned sample: spatially turned, and R Q R^T."""
+    return turn_image(torch.einsum("kl,...lzyx->...kzyx", _Q_TURN.to(q.dtype), q))
+
+
+def turn_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Field inputs ``[..., 2 * 4, H, W]`` (both polarizations stacked) of one illumination -> those
+    of the turned sample under the turned illumination (polarizations exchanged, image turned)."""
+    if x.shape[-3] != 8:
+        raise ValueError(f"expected field inputs [..., 8, H, W] (input_mode 'field'), got {tuple(x.shape)}")
+    channels = [sign * x[..., 4 * p + ch, :, :] for new in _CHANNEL_SOURCE for p, ch, sign in new]
+    return turn_image(torch.stack(channels, dim=-3))
 
 
 def turn_views(views: torch.Tensor, sources: np.ndarray) -> torch.Tensor:
-    """Per-view inputs ``[V, 2 * 4, H, W]`` (both polarizations stacked) -> those of the turned sample."""
-    v, c = views.shape[:2]
-    if c != 8 or v != len(sources):
-        raise ValueError(f"expected per-view field inputs [{len(sources)}, 8, H, W], got {tuple(views.shape)}")
-    reordered = views[torch.as_tensor(sources)]
-    channels = [sign * reordered[:, 4 * p + ch] for new in _CHANNEL_SOURCE for p, ch, sign in new]
-    return turn_image(torch.stack(channels, dim=1))
+    """Per-view inputs ``[V, 8, H, W]`` -> those of the turned sample (views reordered by ``sources``)."""
+    if views.shape[0] != len(sources):
+        raise ValueError(f"expected per-view inputs of {len(sources)} views, got {tuple(views.shape)}")
+    return turn_inputs(views[torch.as_tensor(sources)])
+
+
+def turn_output(ne: torch.Tensor, no: torch.Tensor, q: torch.Tensor, turns: int):
+    """Network outputs ``ne``, ``no`` ``[..., Z, Y, X]``, ``q`` ``[..., 5, Z, Y, X]`` turned by ``turns``."""
+    for _ in range(int(turns) % 4):
+        ne, no = turn_image(ne), turn_image(no)
+        q = turn_q(q)
+    return ne, no, q
 
 
 class QuarterTurns:
