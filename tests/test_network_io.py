@@ -217,3 +217,24 @@ def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_ba
             tiny_geometry(), _acquisition(tiny_geometry()).background)
     with pytest.raises(ValueError, match="True or False"):
         ModelReconstructor(loaded, quarter_turns="yes")
+
+
+@pytest.mark.parametrize("quarter_turns", [False, True])
+def test_a_preview_leaves_the_session_unchanged(tmp_path, quarter_turns):
+    from biref_sdk.network.config import config_for_geometry
+    from biref_sdk.network.model import BirefNet
+
+    geometry = tiny_geometry(9)
+    torch.manual_seed(7)
+    save_model(tmp_path / "m.h5", BirefNet(config_for_geometry(geometry, "tiny", window_length=2,
+                                                                normalization="none")).eval(), geometry)
+    reconstructor = ModelReconstructor(load_model(tmp_path / "m.h5"), quarter_turns=quarter_turns)
+    acquisition = _acquisition(geometry, seed=8)
+    order = [(p, v) for v in range(geometry.n_views) for p in range(2)]
+    plain, previewed = (reconstructor.start(geometry, acquisition.background) for _ in range(2))
+    for i, (p, v) in enumerate(order):
+        for session in (plain, previewed):
+            session.add_view(p, v, acquisition.holograms[p, v])
+        if i in (3, 10):  # mid-window and mid-sequence
+            previewed.finalize(allow_missing=True)
+    np.testing.assert_array_equal(previewed.finalize().ne, plain.finalize().ne)

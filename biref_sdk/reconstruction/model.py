@@ -57,7 +57,6 @@ class ModelSession(ReconstructionSession):
         self._views = torch.zeros(geometry.n_views, 2, c, *config.input_shape)  # per-view inputs as they arrive
         turns = len(view_maps)
         self._features: list[list[torch.Tensor | None]] = [[None] * config.sequence_length for _ in range(turns)]
-        self._encoded = np.zeros((turns, config.sequence_length), dtype=bool)
         self._states: list[list[torch.Tensor]] = [[] for _ in range(turns)]
         self._hidden = [model.network.initial_hidden(1, self._device) for _ in range(turns)]
         self._prior_session = None
@@ -75,11 +74,11 @@ class ModelSession(ReconstructionSession):
         received[polarization, view] = True  # the base class marks it after this call
         for turn, window in waiting:
             if received[:, self._window_views[turn][window]].all():
-                self._encode(turn, window, received)
+                self._features[turn][window] = self._window_features(turn, window, received)
                 self._advance(turn)
 
     @torch.no_grad()
-    def _encode(self, turn: int, window: int, received: np.ndarray) -> None:
+    def _window_features(self, turn: int, window: int, received: np.ndarray) -> torch.Tensor:
         from ..network.symmetry import turn_inputs
 
         views = self._window_views[turn][window]
@@ -89,8 +88,7 @@ class ModelSession(ReconstructionSession):
         x = mean.reshape(-1, *self._config.input_shape)
         for _ in range(turn):
             x = turn_inputs(x)
-        self._features[turn][window] = self._model.network.encode(x[None, :, None].to(self._device))
-        self._encoded[turn, window] = True
+        return self._model.network.encode(x[None, :, None].to(self._device))
 
     @torch.no_grad()
     def _advance(self, turn: int) -> None:
@@ -115,11 +113,18 @@ class ModelSession(ReconstructionSession):
         missing = self.missing_views()
         if missing and not allow_missing:
             raise ValueError(f"{missing} views are missing; pass allow_missing=True to reconstruct without them")
+        # finalize leaves the session as it was (a preview may be followed by more views)
         turns = len(self._states)
+        sequences = []
         for turn in range(turns):
-            for window in np.flatnonzero(~self._encoded[turn]):
-                self._encode(turn, int(window), self.received)  # with views missing: those present
-            self._advance(turn)
+            states, hidden = list(self._states[turn]), self._hidden[turn]
+            for step in range(len(states), self._config.sequence_length):
+                features = self._features[turn][step]
+                if features is None:  # with views missing: the mean of those present
+                    features = self._window_features(turn, step, self.received)
+                hidden = self._model.network.gru_step(hidden, features)
+                states.append(hidden)
+            sequences.append(torch.stack(states, dim=1))
         prior = None
         if self._prior_session is not None:
             from ..network.preprocess import formula_prior
@@ -130,8 +135,7 @@ class ModelSession(ReconstructionSession):
             for _ in range(1, turns):
                 priors.append(torch.cat([turn_image(priors[-1][:2]), turn_q(priors[-1][2:])]))
             prior = torch.stack(priors).to(self._device)
-        states = torch.cat([torch.stack(s, dim=1) for s in self._states])  # [turns, S, ...]
-        ne, no, q = self._model.network.finalize(states, prior)
+        ne, no, q = self._model.network.finalize(torch.cat(sequences), prior)  # a batch of the turns
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
         answers = [turn_output(ne[t], no[t], q[t], -t) for t in range(turns)]
         ne, no, q = (torch.stack(a).mean(dim=0) for a in zip(*answers))
