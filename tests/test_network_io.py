@@ -215,8 +215,11 @@ def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_ba
     with pytest.raises(ValueError, match="quarter turn"):  # 7 views: a ring of 6
         ModelReconstructor(load_model(model_file[0]), quarter_turns=True).start(
             tiny_geometry(), _acquisition(tiny_geometry()).background)
-    with pytest.raises(ValueError, match="True or False"):
+    with pytest.raises(ValueError, match="True, False or None"):
         ModelReconstructor(loaded, quarter_turns="yes")
+    # by default on exactly where the symmetry holds
+    assert ModelReconstructor(loaded).quarter_turns is True
+    assert ModelReconstructor(load_model(model_file[0])).quarter_turns is False
 
 
 @pytest.mark.parametrize("quarter_turns", [False, True])
