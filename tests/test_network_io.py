@@ -179,7 +179,7 @@ def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_ba
     from biref_sdk.network.config import config_for_geometry
     from biref_sdk.network.model import BirefNet
     from biref_sdk.network.preprocess import formula_prior, formula_reconstructor
-    from biref_sdk.network.symmetry import quarter_turn_sources, turn_image, turn_output, turn_q, turn_views
+    from biref_sdk.network.symmetry import quarter_turn_sources, turn_output, turn_prior, turn_views
 
     geometry = tiny_geometry(9)  # a ring of 8 views maps onto itself under a quarter turn
     torch.manual_seed(6)
@@ -199,7 +199,7 @@ def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_ba
             ne, no, q = loaded.network(preprocessor.window_mean(views)[None], prior[None])
             answers.append(turn_output(ne[0], no[0], q[0], -turn))
             views = turn_views(views, sources)
-            prior = torch.cat([turn_image(prior[:2]), turn_q(prior[2:])])
+            prior = turn_prior(prior)
     expected_ne, expected_no, _ = (torch.stack(a).mean(dim=0) for a in zip(*answers))
     assert (answers[1][0] - answers[0][0]).abs().max() > 1e-4  # an untrained network is not turn-invariant
 

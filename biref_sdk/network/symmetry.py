@@ -74,6 +74,11 @@ def turn_q(q: torch.Tensor) -> torch.Tensor:
     return turn_image(torch.einsum("kl,...lzyx->...kzyx", _Q_TURN.to(q.dtype), q))
 
 
+def turn_prior(prior: torch.Tensor) -> torch.Tensor:
+    """A formula prior ``[7, Z, Y, X]`` (network.preprocess.formula_prior) of a turned sample."""
+    return torch.cat([turn_image(prior[:2]), turn_q(prior[2:])])
+
+
 def turn_inputs(x: torch.Tensor) -> torch.Tensor:
     """Field inputs ``[..., 2 * 4, H, W]`` (both polarizations stacked) of one illumination -> those
     of the turned sample under the turned illumination (polarizations exchanged, image turned)."""
@@ -108,9 +113,7 @@ class QuarterTurns:
         item = dict(item)
         for _ in range(int(turns) % 4):
             views = turn_views(views, self.sources)
-            item["ne"], item["no"] = turn_image(item["ne"]), turn_image(item["no"])
-            item["q"] = turn_q(item["q"])
+            item["ne"], item["no"], item["q"] = turn_output(item["ne"], item["no"], item["q"], 1)
             if "prior" in item:
-                prior = item["prior"]
-                item["prior"] = torch.cat([turn_image(prior[:2]), turn_q(prior[2:])])
+                item["prior"] = turn_prior(item["prior"])
         return views, item

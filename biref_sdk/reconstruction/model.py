@@ -39,20 +39,17 @@ class ModelSession(ReconstructionSession):
         used = config.sequence_length * config.window_length
         # the original views that make window j of turn t (turn 0: the acquisition as recorded)
         view_maps = [np.arange(geometry.n_views)]
-        if reconstructor.quarter_turns:
-            from ..network.symmetry import quarter_turn_sources
-
-            if config.input_mode != "field":
-                raise ValueError(f"quarter_turns needs a network with field inputs, not {config.input_mode!r}")
-            sources = quarter_turn_sources(geometry)
+        if reconstructor.turn_sources is not None:
             for _ in range(3):
-                view_maps.append(sources[view_maps[-1]])
+                view_maps.append(reconstructor.turn_sources[view_maps[-1]])
         self._window_views = [m[:used].reshape(config.sequence_length, config.window_length) for m in view_maps]
         self._waiting: dict[int, list[tuple[int, int]]] = {}  # original view -> (turn, window) it is part of
         for turn, windows in enumerate(self._window_views):
             for window, views in enumerate(windows):
                 for view in views:
                     self._waiting.setdefault(int(view), []).append((turn, window))
+        self._used = np.zeros(geometry.n_views, dtype=bool)  # views the network uses
+        self._used[list(self._waiting)] = True
         c = config.channels_per_polarization
         self._views = torch.zeros(geometry.n_views, 2, c, *config.input_shape)  # per-view inputs as they arrive
         turns = len(view_maps)
@@ -101,9 +98,7 @@ class ModelSession(ReconstructionSession):
 
     def missing_views(self) -> int:
         """Views the network uses that have not arrived."""
-        used = np.zeros(self.geometry.n_views, dtype=bool)
-        used[list(self._waiting)] = True
-        return int((~self.received[:, used]).sum())
+        return int((~self.received[:, self._used]).sum())
 
     @torch.no_grad()
     def finalize(self, allow_missing: bool = False) -> Volume:
@@ -128,12 +123,12 @@ class ModelSession(ReconstructionSession):
         prior = None
         if self._prior_session is not None:
             from ..network.preprocess import formula_prior
-            from ..network.symmetry import turn_image, turn_q
+            from ..network.symmetry import turn_prior
 
             prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
             priors = [prior]
             for _ in range(1, turns):
-                priors.append(torch.cat([turn_image(priors[-1][:2]), turn_q(priors[-1][2:])]))
+                priors.append(turn_prior(priors[-1]))
             prior = torch.stack(priors).to(self._device)
         ne, no, q = self._model.network.finalize(torch.cat(sequences), prior)  # a batch of the turns
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
@@ -147,19 +142,6 @@ class ModelSession(ReconstructionSession):
         return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
                       parameters=parameters)
-
-
-def _turns_apply(model) -> bool:
-    """Whether the quarter-turn symmetry holds for ``model``'s geometry and inputs."""
-    from ..network.symmetry import quarter_turn_sources
-
-    if model.config.input_mode != "field":
-        return False
-    try:
-        quarter_turn_sources(model.geometry)
-    except ValueError:
-        return False
-    return True
 
 
 class ModelReconstructor(Reconstructor):
@@ -192,11 +174,27 @@ class ModelReconstructor(Reconstructor):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.network.to(self.device).eval()
         self._prior_reconstructor = None
-        if quarter_turns is None:
-            quarter_turns = _turns_apply(self.model)
-        if not isinstance(quarter_turns, bool):
+        self.turn_sources = self._turn_sources(quarter_turns)  # None: no quarter turns
+        self.quarter_turns = self.turn_sources is not None
+
+    def _turn_sources(self, quarter_turns: bool | None):
+        """The view map of a quarter turn (network.symmetry) if the turns are on, else None."""
+        from ..network.symmetry import quarter_turn_sources
+
+        if quarter_turns is not None and not isinstance(quarter_turns, bool):
             raise ValueError(f"quarter_turns must be True, False or None, got {quarter_turns!r}")
-        self.quarter_turns = quarter_turns
+        if quarter_turns is False:
+            return None
+        if self.model.config.input_mode != "field":
+            problem = f"quarter_turns needs a network with field inputs, not {self.model.config.input_mode!r}"
+        else:
+            try:
+                return quarter_turn_sources(self.model.geometry)
+            except ValueError as error:
+                problem = str(error)
+        if quarter_turns:
+            raise ValueError(problem)
+        return None  # the default: on only where the symmetry holds
 
     def prior_reconstructor(self):
         """The formula reconstructor of the model's prior, built once (it caches per-geometry tables)."""
