@@ -2,8 +2,8 @@
  *
  * The microscope side (a producer: start, background, view, stop over PUSH) and the consumer side
  * (a subscriber: volume, preview, error, status over SUB) of the biref SDK's streaming service
- * (`biref serve`), for vendor code written in C or C++. The msgpack headers are written and read
- * by the small codec below; payload frames are raw arrays, C order, little-endian on the wire
+ * (`biref serve`), for vendor code written in C, C++, C# or LabVIEW. The msgpack headers are
+ * written and read with msgpack-c; payload frames are raw arrays, C order, little-endian on the wire
  * (this library converts on big-endian hosts: the API takes and returns host byte order).
  *
  * Every function that can fail returns a biref_status (0 on success, a negative code otherwise);
@@ -19,6 +19,26 @@
 
 #ifdef __cplusplus
 extern "C" {
+#endif
+
+/* the library's version (semantic versioning; bindings/README.md states the ABI policy) */
+#define BIREF_VERSION_MAJOR 2
+#define BIREF_VERSION_MINOR 0
+#define BIREF_VERSION_PATCH 0
+#define BIREF_VERSION_STRING "2.0.0"
+
+/* Only the functions marked BIREF_API are exported from the shared library. Define BIREF_STATIC
+ * when linking the static library on Windows. */
+#if defined(_WIN32) && !defined(BIREF_STATIC)
+#  if defined(BIREF_BUILDING)
+#    define BIREF_API __declspec(dllexport)
+#  else
+#    define BIREF_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__) || defined(__clang__)
+#  define BIREF_API __attribute__((visibility("default")))
+#else
+#  define BIREF_API
 #endif
 
 #define BIREF_PROTOCOL "biref/1"
@@ -37,16 +57,18 @@ typedef enum {
     BIREF_EZMQ = -3,      /* libzmq failed: zmq_errno() and zmq_strerror() say why */
     BIREF_ETIMEOUT = -4,  /* nothing could be sent (back-pressure) or received within the timeout */
     BIREF_EPROTO = -5,    /* data that break biref/1 or msgpack */
-    BIREF_ENOTFOUND = -6  /* biref_map_find: no such key */
+    BIREF_ENOTFOUND = -6  /* no such field (biref_result_text) */
 } biref_status;
 
-const char *biref_strerror(int status);
+BIREF_API const char *biref_strerror(int status);
+/* the version of the library loaded at run time ("2.0.0"); compare with BIREF_VERSION_STRING */
+BIREF_API const char *biref_version(void);
 
 /* -- frames ------------------------------------------------------------------------------------ */
 typedef enum { BIREF_UINT8 = 0, BIREF_UINT16 = 1, BIREF_FLOAT32 = 2 } biref_dtype;
 
-const char *biref_dtype_name(biref_dtype dtype);   /* "uint8", "uint16", "float32"; NULL if invalid */
-size_t biref_dtype_size(biref_dtype dtype);        /* bytes per pixel; 0 if invalid */
+BIREF_API const char *biref_dtype_name(biref_dtype dtype);   /* "uint8", "uint16", "float32"; NULL if invalid */
+BIREF_API size_t biref_dtype_size(biref_dtype dtype);        /* bytes per pixel; 0 if invalid */
 
 /* the shape and dtype of every hologram and background frame of one acquisition */
 typedef struct {
@@ -68,9 +90,8 @@ typedef struct {
     double voxel_size_m[3];            /* dz, dy, dx */
 } biref_geometry;
 
-/* -- msgpack writer ------------------------------------------------------------------------------
- * Appends to a growing buffer with the shortest encoding of each value (as the reference msgpack
- * packer does). An allocation failure is sticky: check biref_buffer_status once at the end. */
+/* -- output buffer of the header encoders (msgpack-c packs into it) -------------------------------
+ * An allocation failure is sticky: check biref_buffer_status once at the end. */
 typedef struct {
     uint8_t *data;
     size_t size;
@@ -78,73 +99,18 @@ typedef struct {
     int failed;
 } biref_buffer;
 
-void biref_buffer_init(biref_buffer *buffer);
-void biref_buffer_reset(biref_buffer *buffer);   /* empty it, keep the memory */
-void biref_buffer_free(biref_buffer *buffer);
-int biref_buffer_status(const biref_buffer *buffer);   /* BIREF_OK or BIREF_ENOMEM */
-
-void biref_pack_nil(biref_buffer *buffer);
-void biref_pack_bool(biref_buffer *buffer, int value);
-void biref_pack_int(biref_buffer *buffer, int64_t value);
-void biref_pack_uint(biref_buffer *buffer, uint64_t value);
-void biref_pack_double(biref_buffer *buffer, double value);       /* always float64 */
-void biref_pack_str(biref_buffer *buffer, const char *utf8);      /* NUL-terminated UTF-8 */
-void biref_pack_str_n(biref_buffer *buffer, const char *utf8, size_t length);
-void biref_pack_array(biref_buffer *buffer, uint32_t n_elements); /* then the n elements */
-void biref_pack_map(biref_buffer *buffer, uint32_t n_pairs);      /* then n (key, value) pairs */
-
-/* -- msgpack reader ------------------------------------------------------------------------------
- * biref_read reads one value; for an array or a map only its length, its elements follow. Every
- * read is bounds-checked against the buffer; strings point into it and are not NUL-terminated. */
-typedef enum {
-    BIREF_MP_NIL,
-    BIREF_MP_BOOL,
-    BIREF_MP_INT,    /* any integer that fits int64_t (value.i) */
-    BIREF_MP_UINT,   /* an integer above INT64_MAX (value.u) */
-    BIREF_MP_FLOAT,  /* float32 or float64 (value.f) */
-    BIREF_MP_STR,    /* value.bytes */
-    BIREF_MP_BIN,    /* value.bytes */
-    BIREF_MP_EXT,    /* value.bytes (the data), value.ext_type */
-    BIREF_MP_ARRAY,  /* value.n elements follow */
-    BIREF_MP_MAP     /* value.n key-value pairs follow */
-} biref_mp_type;
-
-typedef struct {
-    biref_mp_type type;
-    int8_t ext_type;
-    union {
-        int boolean;
-        int64_t i;
-        uint64_t u;
-        double f;
-        struct {
-            const char *ptr;
-            uint32_t length;
-        } bytes;
-        uint32_t n;
-    } value;
-} biref_mp_object;
-
-typedef struct {
-    const uint8_t *position;
-    const uint8_t *end;
-} biref_reader;
-
-void biref_reader_init(biref_reader *reader, const void *data, size_t size);
-int biref_read(biref_reader *reader, biref_mp_object *object);
-int biref_skip(biref_reader *reader);   /* one whole value, nested containers included (depth <= 64) */
-/* Find string key `key` in the map that `data` holds; on success `value` reads its value. */
-int biref_map_find(const void *data, size_t size, const char *key, biref_reader *value);
-/* 1 if `object` is the string `text`, else 0 */
-int biref_mp_str_equals(const biref_mp_object *object, const char *text);
+BIREF_API void biref_buffer_init(biref_buffer *buffer);
+BIREF_API void biref_buffer_reset(biref_buffer *buffer);   /* empty it, keep the memory */
+BIREF_API void biref_buffer_free(biref_buffer *buffer);
+BIREF_API int biref_buffer_status(const biref_buffer *buffer);   /* BIREF_OK or BIREF_ENOMEM */
 
 /* -- header encoders (for a transport of your own; the producer below uses them) -------------- */
-int biref_encode_start(biref_buffer *out, const char *acquisition_id, const biref_geometry *geometry,
+BIREF_API int biref_encode_start(biref_buffer *out, const char *acquisition_id, const biref_geometry *geometry,
                        biref_format format);
 /* type: "view" or "background" */
-int biref_encode_frame(biref_buffer *out, const char *type, const char *acquisition_id, int polarization,
+BIREF_API int biref_encode_frame(biref_buffer *out, const char *type, const char *acquisition_id, int polarization,
                        uint32_t view, biref_format format);
-int biref_encode_stop(biref_buffer *out, const char *acquisition_id);
+BIREF_API int biref_encode_stop(biref_buffer *out, const char *acquisition_id);
 
 /* -- producer: the microscope side (PUSH, connects to the service's ingest endpoint) ----------
  * Sends block while the service applies back-pressure, at most send_timeout_ms (-1: no limit);
@@ -153,17 +119,17 @@ int biref_encode_stop(biref_buffer *out, const char *acquisition_id);
 typedef struct biref_producer biref_producer;
 
 /* zmq_context: a context to share, or NULL for one of its own */
-int biref_producer_open(biref_producer **producer, void *zmq_context, const char *endpoint, int send_timeout_ms);
+BIREF_API int biref_producer_open(biref_producer **producer, void *zmq_context, const char *endpoint, int send_timeout_ms);
 /* background: the whole [2][V][H][W] background inline, or NULL to send it as background frames */
-int biref_producer_start(biref_producer *producer, const char *acquisition_id, const biref_geometry *geometry,
+BIREF_API int biref_producer_start(biref_producer *producer, const char *acquisition_id, const biref_geometry *geometry,
                          biref_format format, const void *background);
-int biref_producer_background(biref_producer *producer, const char *acquisition_id, int polarization,
+BIREF_API int biref_producer_background(biref_producer *producer, const char *acquisition_id, int polarization,
                               uint32_t view, biref_format format, const void *frame);
-int biref_producer_view(biref_producer *producer, const char *acquisition_id, int polarization, uint32_t view,
+BIREF_API int biref_producer_view(biref_producer *producer, const char *acquisition_id, int polarization, uint32_t view,
                         biref_format format, const void *frame);
-int biref_producer_stop(biref_producer *producer, const char *acquisition_id);
+BIREF_API int biref_producer_stop(biref_producer *producer, const char *acquisition_id);
 /* Waits up to linger_ms (-1: until delivered, 0: discard) for queued messages, then closes. */
-void biref_producer_close(biref_producer *producer, int linger_ms);
+BIREF_API void biref_producer_close(biref_producer *producer, int linger_ms);
 
 /* -- subscriber: results (SUB, connects to the service's results endpoint) -------------------- */
 typedef struct {
@@ -184,28 +150,65 @@ typedef struct {
     char reason[32];
     char detail[512];            /* truncated if longer */
     int fatal;
-    /* the whole header, a msgpack map: read any other key with biref_map_find */
+    /* the whole header, a msgpack map: read any other key with msgpack-c (msgpack_unpack_next) */
     uint8_t *header;
     size_t header_size;
 } biref_result;
 
-void biref_result_free(biref_result *result);   /* frees the arrays and the header; the struct stays */
+BIREF_API void biref_result_free(biref_result *result);   /* frees the arrays and the header; the struct stays */
+
+/* Decode one result message from its frames (topic, header, and for volume/preview ne, no,
+ * director), for a transport of your own; biref_subscriber_recv uses it. BIREF_EPROTO for a
+ * message that breaks biref/1 (then `result` holds nothing to free). */
+BIREF_API int biref_result_decode(biref_result *result, const void *const *frames, const size_t *sizes, int n_frames);
 
 typedef struct biref_subscriber biref_subscriber;
 
 /* topics: NULL-terminated list of the topics to receive, or NULL for all four */
-int biref_subscriber_open(biref_subscriber **subscriber, void *zmq_context, const char *endpoint,
+BIREF_API int biref_subscriber_open(biref_subscriber **subscriber, void *zmq_context, const char *endpoint,
                           const char *const *topics);
 /* The next result, or BIREF_ETIMEOUT after timeout_ms (-1: no limit). Messages that break the
  * protocol are dropped and counted (biref_subscriber_rejected); `result` is overwritten (free the
  * previous one first). */
-int biref_subscriber_recv(biref_subscriber *subscriber, biref_result *result, int timeout_ms);
+BIREF_API int biref_subscriber_recv(biref_subscriber *subscriber, biref_result *result, int timeout_ms);
 /* Wait for a status heartbeat: from then on the subscription is live (PUB/SUB drops what is
  * published before the connection is made). Results of other topics meanwhile are discarded. */
-int biref_subscriber_wait_ready(biref_subscriber *subscriber, int timeout_ms);
-uint64_t biref_subscriber_missed(const biref_subscriber *subscriber, const char *topic);
-uint64_t biref_subscriber_rejected(const biref_subscriber *subscriber);
-void biref_subscriber_close(biref_subscriber *subscriber);
+BIREF_API int biref_subscriber_wait_ready(biref_subscriber *subscriber, int timeout_ms);
+BIREF_API uint64_t biref_subscriber_missed(const biref_subscriber *subscriber, const char *topic);
+BIREF_API uint64_t biref_subscriber_rejected(const biref_subscriber *subscriber);
+BIREF_API void biref_subscriber_close(biref_subscriber *subscriber);
+
+/* -- flat entry points for LabVIEW's Call Library Function Node and C# P/Invoke ------------------
+ * Plain types only (integers, doubles, NUL-terminated strings, pointers to caller-allocated
+ * arrays), no structs by value, no callbacks. Handles are pointer-sized integers. */
+
+/* geometry as arrays: reference_carriers [4] = f_x0, f_y0, f_x1, f_y1 (cycles per pixel),
+ * volume_shape [3] = Z, Y, X, voxel_size_m [3] = dz, dy, dx; dtype a biref_dtype value;
+ * background [2][V][H][W] or NULL (then background frames follow) */
+BIREF_API int biref_producer_start_flat(biref_producer *producer, const char *acquisition_id, double wavelength_m,
+                                        double medium_index, double na_objective, double pixel_size_m,
+                                        uint32_t n_views, const double *illumination_sines,
+                                        const double *reference_carriers, const uint32_t *volume_shape,
+                                        const double *voxel_size_m, uint32_t height, uint32_t width, int32_t dtype,
+                                        const void *background);
+/* kind 0: a background frame, 1: a view; frame [H][W] in host byte order */
+BIREF_API int biref_producer_frame_flat(biref_producer *producer, int32_t kind, const char *acquisition_id,
+                                        int32_t polarization, uint32_t view, uint32_t height, uint32_t width,
+                                        int32_t dtype, const void *frame);
+
+/* a zeroed result on the heap (for callers that cannot lay out biref_result); NULL out of memory */
+BIREF_API biref_result *biref_result_new(void);
+BIREF_API void biref_result_delete(biref_result *result);   /* frees its contents and itself */
+/* field: "topic", "acquisition_id", "engine", "reason" or "detail"; copies it NUL-terminated into
+ * out[capacity] (truncated to fit); BIREF_ENOTFOUND for another name */
+BIREF_API int biref_result_text(const biref_result *result, const char *field, char *out, int32_t capacity);
+/* the numbers of a result; any pointer may be NULL; shape [3] is 0 0 0 without a volume */
+BIREF_API int biref_result_numbers(const biref_result *result, int64_t *seq, int32_t *complete, int64_t *views_used,
+                                   int64_t *views_expected, double *latency_s, int32_t *fatal, uint32_t *shape);
+/* copy the volume into caller arrays of n_voxels = Z*Y*X floats (ne, no) and 3*n_voxels
+ * (director); BIREF_EINVAL when the result has no volume or n_voxels differs */
+BIREF_API int biref_result_copy_volume(const biref_result *result, float *ne, float *no, float *director,
+                                       uint64_t n_voxels);
 
 #ifdef __cplusplus
 }

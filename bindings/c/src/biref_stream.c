@@ -1,10 +1,8 @@
-/* biref/1 messages over libzmq: header encoders, the producer (PUSH) and the subscriber (SUB).
- * docs/protocol.md is the contract; the Python reference is biref_sdk/streaming/protocol.py. */
+/* biref/1 over libzmq: the producer (PUSH) and the subscriber (SUB). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime */
 #endif
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zmq.h>
@@ -15,61 +13,7 @@
 #include <time.h>
 #endif
 
-#include "biref.h"
-
-static const char *const TOPICS[4] = {"volume", "preview", "error", "status"};
-static const char *const VOLUME_ARRAYS[3] = {"ne", "no", "director"};
-
-const char *biref_strerror(int status)
-{
-    switch (status) {
-    case BIREF_OK: return "success";
-    case BIREF_EINVAL: return "invalid argument for biref/1";
-    case BIREF_ENOMEM: return "out of memory";
-    case BIREF_EZMQ: return "libzmq error";
-    case BIREF_ETIMEOUT: return "timed out";
-    case BIREF_EPROTO: return "message breaks biref/1";
-    case BIREF_ENOTFOUND: return "key not found";
-    default: return "unknown biref status";
-    }
-}
-
-const char *biref_dtype_name(biref_dtype dtype)
-{
-    switch (dtype) {
-    case BIREF_UINT8: return "uint8";
-    case BIREF_UINT16: return "uint16";
-    case BIREF_FLOAT32: return "float32";
-    default: return NULL;
-    }
-}
-
-size_t biref_dtype_size(biref_dtype dtype)
-{
-    switch (dtype) {
-    case BIREF_UINT8: return 1;
-    case BIREF_UINT16: return 2;
-    case BIREF_FLOAT32: return 4;
-    default: return 0;
-    }
-}
-
-static int host_is_little_endian(void)
-{
-    const uint16_t one = 1;
-    return *(const uint8_t *)&one == 1;
-}
-
-/* copy n items of `itemsize` bytes, reversing each one's bytes: host order <-> little-endian on a
-   big-endian host */
-static void copy_swapped(void *out, const void *in, size_t n, size_t itemsize)
-{
-    const uint8_t *src = (const uint8_t *)in;
-    uint8_t *dst = (uint8_t *)out;
-    for (size_t i = 0; i < n; i++)
-        for (size_t b = 0; b < itemsize; b++)
-            dst[i * itemsize + b] = src[i * itemsize + itemsize - 1 - b];
-}
+#include "biref_internal.h"
 
 static int64_t now_ms(void)
 {
@@ -80,147 +24,6 @@ static int64_t now_ms(void)
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 #endif
-}
-
-/* -- validation of what we send (the service checks again; failing here names the argument) ---- */
-static int valid_id(const char *acquisition_id)
-{
-    size_t characters = 0;
-    const unsigned char *c;
-    if (acquisition_id == NULL || acquisition_id[0] == '\0')
-        return 0;
-    for (c = (const unsigned char *)acquisition_id; *c; c++) {
-        if (*c < 0x20 || *c == 0x7f)
-            return 0;                      /* control characters are not printable */
-        if ((*c & 0xc0) != 0x80)
-            characters++;                  /* UTF-8: count the lead bytes */
-    }
-    return characters <= BIREF_MAX_ID_CHARS;
-}
-
-static int valid_format(biref_format format)
-{
-    return format.height >= 1 && format.height <= BIREF_MAX_SIDE && format.width >= 1
-           && format.width <= BIREF_MAX_SIDE && biref_dtype_name(format.dtype) != NULL;
-}
-
-static int valid_geometry(const biref_geometry *g)
-{
-    double voxels = 1.0;
-    if (g == NULL || g->n_views < 1 || g->n_views > BIREF_MAX_VIEWS || g->illumination_sines == NULL)
-        return 0;
-    if (!isfinite(g->wavelength_m) || !isfinite(g->medium_index) || !isfinite(g->na_objective)
-        || !isfinite(g->pixel_size_m))
-        return 0;
-    for (uint32_t i = 0; i < 2 * g->n_views; i++)
-        if (!isfinite(g->illumination_sines[i]))
-            return 0;
-    for (int i = 0; i < 4; i++)
-        if (!isfinite(g->reference_carriers[i / 2][i % 2]))
-            return 0;
-    for (int i = 0; i < 3; i++) {
-        if (g->volume_shape[i] < 1 || !isfinite(g->voxel_size_m[i]))
-            return 0;
-        voxels *= g->volume_shape[i];
-    }
-    return voxels <= (double)BIREF_MAX_VOLUME_VOXELS;
-}
-
-/* -- header encoders: keys in the order of biref_sdk.streaming.protocol, so the bytes are the
- *    reference encoder's ------------------------------------------------------------------------ */
-static void pack_pair_list(biref_buffer *out, const double *values, uint32_t rows)
-{
-    biref_pack_array(out, rows);
-    for (uint32_t r = 0; r < rows; r++) {
-        biref_pack_array(out, 2);
-        biref_pack_double(out, values[2 * r]);
-        biref_pack_double(out, values[2 * r + 1]);
-    }
-}
-
-/* The "shape" and "dtype" entries every frame-carrying header has (two map entries). */
-static void pack_frame_format(biref_buffer *out, biref_format format)
-{
-    biref_pack_str(out, "shape");
-    biref_pack_array(out, 2);
-    biref_pack_uint(out, format.height);
-    biref_pack_uint(out, format.width);
-    biref_pack_str(out, "dtype");
-    biref_pack_str(out, biref_dtype_name(format.dtype));
-}
-
-int biref_encode_start(biref_buffer *out, const char *acquisition_id, const biref_geometry *g, biref_format format)
-{
-    if (!valid_id(acquisition_id) || !valid_geometry(g) || !valid_format(format))
-        return BIREF_EINVAL;
-    biref_pack_map(out, 7);
-    biref_pack_str(out, "protocol");
-    biref_pack_str(out, BIREF_PROTOCOL);
-    biref_pack_str(out, "type");
-    biref_pack_str(out, "start");
-    biref_pack_str(out, "acquisition_id");
-    biref_pack_str(out, acquisition_id);
-    biref_pack_str(out, "geometry");
-    biref_pack_map(out, 8);   /* docs/formats.md names, in its order */
-    biref_pack_str(out, "wavelength_m");
-    biref_pack_double(out, g->wavelength_m);
-    biref_pack_str(out, "medium_index");
-    biref_pack_double(out, g->medium_index);
-    biref_pack_str(out, "na_objective");
-    biref_pack_double(out, g->na_objective);
-    biref_pack_str(out, "pixel_size_m");
-    biref_pack_double(out, g->pixel_size_m);
-    biref_pack_str(out, "illumination_sines");
-    pack_pair_list(out, g->illumination_sines, g->n_views);
-    biref_pack_str(out, "reference_carriers");
-    pack_pair_list(out, &g->reference_carriers[0][0], 2);
-    biref_pack_str(out, "volume_shape");
-    biref_pack_array(out, 3);
-    for (int i = 0; i < 3; i++)
-        biref_pack_uint(out, g->volume_shape[i]);
-    biref_pack_str(out, "voxel_size_m");
-    biref_pack_array(out, 3);
-    for (int i = 0; i < 3; i++)
-        biref_pack_double(out, g->voxel_size_m[i]);
-    pack_frame_format(out, format);
-    biref_pack_str(out, "n_views");
-    biref_pack_uint(out, g->n_views);
-    return biref_buffer_status(out);
-}
-
-int biref_encode_frame(biref_buffer *out, const char *type, const char *acquisition_id, int polarization,
-                       uint32_t view, biref_format format)
-{
-    if (type == NULL || (strcmp(type, "view") != 0 && strcmp(type, "background") != 0) || !valid_id(acquisition_id)
-        || (polarization != 0 && polarization != 1) || view >= BIREF_MAX_VIEWS || !valid_format(format))
-        return BIREF_EINVAL;
-    biref_pack_map(out, 7);
-    biref_pack_str(out, "protocol");
-    biref_pack_str(out, BIREF_PROTOCOL);
-    biref_pack_str(out, "type");
-    biref_pack_str(out, type);
-    biref_pack_str(out, "acquisition_id");
-    biref_pack_str(out, acquisition_id);
-    biref_pack_str(out, "polarization");
-    biref_pack_uint(out, (uint64_t)polarization);
-    biref_pack_str(out, "view");
-    biref_pack_uint(out, view);
-    pack_frame_format(out, format);
-    return biref_buffer_status(out);
-}
-
-int biref_encode_stop(biref_buffer *out, const char *acquisition_id)
-{
-    if (!valid_id(acquisition_id))
-        return BIREF_EINVAL;
-    biref_pack_map(out, 3);
-    biref_pack_str(out, "protocol");
-    biref_pack_str(out, BIREF_PROTOCOL);
-    biref_pack_str(out, "type");
-    biref_pack_str(out, "stop");
-    biref_pack_str(out, "acquisition_id");
-    biref_pack_str(out, acquisition_id);
-    return biref_buffer_status(out);
 }
 
 /* -- producer ---------------------------------------------------------------------------------- */
@@ -268,7 +71,7 @@ static int send_message(biref_producer *p, const void *payload, size_t n_items, 
     const void *wire = payload;
     if (biref_buffer_status(&p->header) != BIREF_OK)
         return BIREF_ENOMEM;
-    if (payload != NULL && itemsize > 1 && !host_is_little_endian()) {
+    if (payload != NULL && itemsize > 1 && !biref_host_is_little_endian()) {
         size_t nbytes = n_items * itemsize;
         if (nbytes > p->swap_size) {
             void *swap = realloc(p->swap, nbytes);
@@ -277,7 +80,7 @@ static int send_message(biref_producer *p, const void *payload, size_t n_items, 
             p->swap = swap;
             p->swap_size = nbytes;
         }
-        copy_swapped(p->swap, payload, n_items, itemsize);
+        biref_copy_swapped(p->swap, payload, n_items, itemsize);
         wire = p->swap;
     }
     if (zmq_send(p->socket, p->header.data, p->header.size, payload ? ZMQ_SNDMORE : 0) < 0)
@@ -333,6 +136,46 @@ int biref_producer_stop(biref_producer *p, const char *acquisition_id)
     return send_message(p, NULL, 0, 0);
 }
 
+int biref_producer_start_flat(biref_producer *p, const char *acquisition_id, double wavelength_m,
+                              double medium_index, double na_objective, double pixel_size_m, uint32_t n_views,
+                              const double *illumination_sines, const double *reference_carriers,
+                              const uint32_t *volume_shape, const double *voxel_size_m, uint32_t height,
+                              uint32_t width, int32_t dtype, const void *background)
+{
+    biref_geometry g;
+    biref_format format;
+    if (reference_carriers == NULL || volume_shape == NULL || voxel_size_m == NULL)
+        return BIREF_EINVAL;
+    g.wavelength_m = wavelength_m;
+    g.medium_index = medium_index;
+    g.na_objective = na_objective;
+    g.pixel_size_m = pixel_size_m;
+    g.n_views = n_views;
+    g.illumination_sines = illumination_sines;
+    for (int i = 0; i < 4; i++)
+        g.reference_carriers[i / 2][i % 2] = reference_carriers[i];
+    for (int i = 0; i < 3; i++) {
+        g.volume_shape[i] = volume_shape[i];
+        g.voxel_size_m[i] = voxel_size_m[i];
+    }
+    format.height = height;
+    format.width = width;
+    format.dtype = (biref_dtype)dtype;
+    return biref_producer_start(p, acquisition_id, &g, format, background);
+}
+
+int biref_producer_frame_flat(biref_producer *p, int32_t kind, const char *acquisition_id, int32_t polarization,
+                              uint32_t view, uint32_t height, uint32_t width, int32_t dtype, const void *frame)
+{
+    biref_format format;
+    if (kind != 0 && kind != 1)
+        return BIREF_EINVAL;
+    format.height = height;
+    format.width = width;
+    format.dtype = (biref_dtype)dtype;
+    return send_frame(p, kind == 0 ? "background" : "view", acquisition_id, polarization, view, format, frame);
+}
+
 void biref_producer_close(biref_producer *p, int linger_ms)
 {
     if (p == NULL)
@@ -361,14 +204,6 @@ struct biref_subscriber {
     uint64_t rejected;
 };
 
-static int topic_index(const char *topic, size_t length)
-{
-    for (int i = 0; i < 4; i++)
-        if (strlen(TOPICS[i]) == length && memcmp(TOPICS[i], topic, length) == 0)
-            return i;
-    return -1;
-}
-
 int biref_subscriber_open(biref_subscriber **out, void *zmq_context, const char *endpoint,
                           const char *const *topics)
 {
@@ -388,7 +223,7 @@ int biref_subscriber_open(biref_subscriber **out, void *zmq_context, const char 
             s->subscribed[i] = 1;
     } else {
         for (const char *const *t = topics; *t != NULL; t++) {
-            int i = topic_index(*t, strlen(*t));
+            int i = biref_topic_index(*t, strlen(*t));
             if (i < 0) {
                 free(s);
                 return BIREF_EINVAL;
@@ -405,7 +240,7 @@ int biref_subscriber_open(biref_subscriber **out, void *zmq_context, const char 
         return BIREF_EZMQ;
     }
     for (int i = 0; i < 4; i++)
-        if (s->subscribed[i] && zmq_setsockopt(s->socket, ZMQ_SUBSCRIBE, TOPICS[i], strlen(TOPICS[i])) != 0) {
+        if (s->subscribed[i] && zmq_setsockopt(s->socket, ZMQ_SUBSCRIBE, biref_topics[i], strlen(biref_topics[i])) != 0) {
             biref_subscriber_close(s);
             return BIREF_EZMQ;
         }
@@ -430,181 +265,13 @@ void biref_subscriber_close(biref_subscriber *s)
 
 uint64_t biref_subscriber_missed(const biref_subscriber *s, const char *topic)
 {
-    int i = topic ? topic_index(topic, strlen(topic)) : -1;
+    int i = topic ? biref_topic_index(topic, strlen(topic)) : -1;
     return i < 0 ? 0 : s->missed[i];
 }
 
 uint64_t biref_subscriber_rejected(const biref_subscriber *s)
 {
     return s->rejected;
-}
-
-void biref_result_free(biref_result *r)
-{
-    free(r->ne);
-    free(r->no);
-    free(r->director);
-    free(r->header);
-    r->ne = r->no = r->director = NULL;
-    r->header = NULL;
-    r->header_size = 0;
-}
-
-/* copy a string value into a fixed field, truncating; nil leaves it empty */
-static int copy_text(const biref_mp_object *o, char *field, size_t capacity)
-{
-    size_t n;
-    if (o->type == BIREF_MP_NIL) {
-        field[0] = '\0';
-        return BIREF_OK;
-    }
-    if (o->type != BIREF_MP_STR)
-        return BIREF_EPROTO;
-    n = o->value.bytes.length < capacity - 1 ? o->value.bytes.length : capacity - 1;
-    memcpy(field, o->value.bytes.ptr, n);
-    field[n] = '\0';
-    return BIREF_OK;
-}
-
-/* "shape": [Z, Y, X] of positive integers within the volume limit */
-static int read_shape(biref_reader *r, uint32_t shape[3])
-{
-    biref_mp_object o;
-    if (biref_read(r, &o) != BIREF_OK || o.type != BIREF_MP_ARRAY || o.value.n != 3)
-        return 0;
-    for (int i = 0; i < 3; i++) {
-        if (biref_read(r, &o) != BIREF_OK || o.type != BIREF_MP_INT || o.value.i < 1
-            || o.value.i > BIREF_MAX_VOLUME_VOXELS)
-            return 0;
-        shape[i] = (uint32_t)o.value.i;
-    }
-    return 1;
-}
-
-/* "arrays": exactly ["ne", "no", "director"], the order of the payload frames */
-static int read_arrays(biref_reader *r)
-{
-    biref_mp_object o;
-    if (biref_read(r, &o) != BIREF_OK || o.type != BIREF_MP_ARRAY || o.value.n != 3)
-        return 0;
-    for (int i = 0; i < 3; i++)
-        if (biref_read(r, &o) != BIREF_OK || !biref_mp_str_equals(&o, VOLUME_ARRAYS[i]))
-            return 0;
-    return 1;
-}
-
-/* Read the header map's known keys into `result` (unknown keys are skipped, as biref/1 asks);
-   `volume` is set when shape, dtype and arrays announce the volume payload of docs/protocol.md. */
-static int decode_header(const uint8_t *data, size_t size, const char *topic, biref_result *result, int *volume)
-{
-    biref_reader r;
-    biref_mp_object o, key;
-    int protocol_ok = 0, type_ok = 0, shape_ok = 0, dtype_ok = 0, arrays_ok = 0;
-    biref_reader_init(&r, data, size);
-    if (biref_read(&r, &o) != BIREF_OK || o.type != BIREF_MP_MAP)
-        return BIREF_EPROTO;
-    for (uint32_t pair = 0, n = o.value.n; pair < n; pair++) {
-        biref_reader value;
-        if (biref_read(&r, &key) != BIREF_OK || key.type != BIREF_MP_STR)
-            return BIREF_EPROTO;
-        value = r;   /* the value is checked whole (skipped) first, then read if its key is known */
-        if (biref_skip(&r) != BIREF_OK)
-            return BIREF_EPROTO;
-        if (biref_mp_str_equals(&key, "shape")) {
-            shape_ok = read_shape(&value, result->shape);
-            continue;
-        }
-        if (biref_mp_str_equals(&key, "arrays")) {
-            arrays_ok = read_arrays(&value);
-            continue;
-        }
-        if (biref_read(&value, &o) != BIREF_OK)
-            return BIREF_EPROTO;
-        if (biref_mp_str_equals(&key, "protocol"))
-            protocol_ok = biref_mp_str_equals(&o, BIREF_PROTOCOL);
-        else if (biref_mp_str_equals(&key, "type"))
-            type_ok = biref_mp_str_equals(&o, topic);
-        else if (biref_mp_str_equals(&key, "seq") && o.type == BIREF_MP_INT)
-            result->seq = o.value.i;
-        else if (biref_mp_str_equals(&key, "acquisition_id")) {
-            if (copy_text(&o, result->acquisition_id, sizeof result->acquisition_id) != BIREF_OK)
-                return BIREF_EPROTO;
-        } else if (biref_mp_str_equals(&key, "engine") && o.type == BIREF_MP_STR)
-            copy_text(&o, result->engine, sizeof result->engine);
-        else if (biref_mp_str_equals(&key, "complete") && o.type == BIREF_MP_BOOL)
-            result->complete = o.value.boolean;
-        else if (biref_mp_str_equals(&key, "views_used") && o.type == BIREF_MP_INT)
-            result->views_used = o.value.i;
-        else if (biref_mp_str_equals(&key, "views_expected") && o.type == BIREF_MP_INT)
-            result->views_expected = o.value.i;
-        else if (biref_mp_str_equals(&key, "latency_s") && (o.type == BIREF_MP_FLOAT || o.type == BIREF_MP_INT))
-            result->latency_s = o.type == BIREF_MP_FLOAT ? o.value.f : (double)o.value.i;
-        else if (biref_mp_str_equals(&key, "dtype"))
-            dtype_ok = biref_mp_str_equals(&o, "float32");
-        else if (biref_mp_str_equals(&key, "reason") && o.type == BIREF_MP_STR)
-            copy_text(&o, result->reason, sizeof result->reason);
-        else if (biref_mp_str_equals(&key, "detail") && o.type == BIREF_MP_STR)
-            copy_text(&o, result->detail, sizeof result->detail);
-        else if (biref_mp_str_equals(&key, "fatal") && o.type == BIREF_MP_BOOL)
-            result->fatal = o.value.boolean;
-    }
-    if (!protocol_ok || !type_ok || r.position != r.end)
-        return BIREF_EPROTO;
-    *volume = shape_ok && dtype_ok && arrays_ok;
-    return BIREF_OK;
-}
-
-/* a little-endian float32 frame -> a new host-order float array */
-static int copy_floats(zmq_msg_t *part, size_t count, float **out)
-{
-    if (zmq_msg_size(part) != count * sizeof(float))
-        return BIREF_EPROTO;
-    if ((*out = malloc(count * sizeof(float))) == NULL)
-        return BIREF_ENOMEM;
-    if (host_is_little_endian())
-        memcpy(*out, zmq_msg_data(part), count * sizeof(float));
-    else
-        copy_swapped(*out, zmq_msg_data(part), count, sizeof(float));
-    return BIREF_OK;
-}
-
-static int decode_result(zmq_msg_t *parts, int n_parts, biref_result *result)
-{
-    int topic, volume = 0, status;
-    size_t voxels;
-    memset(result, 0, sizeof *result);
-    if (n_parts < 2 || n_parts > MAX_PARTS)
-        return BIREF_EPROTO;
-    topic = topic_index((const char *)zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]));
-    if (topic < 0 || zmq_msg_size(&parts[1]) > BIREF_MAX_HEADER_BYTES)
-        return BIREF_EPROTO;
-    strcpy(result->topic, TOPICS[topic]);
-    status = decode_header((const uint8_t *)zmq_msg_data(&parts[1]), zmq_msg_size(&parts[1]), TOPICS[topic], result,
-                           &volume);
-    if (status != BIREF_OK)
-        return status;
-    if (topic >= 2)   /* error, status: a header only */
-        status = n_parts == 2 ? BIREF_OK : BIREF_EPROTO;
-    else if (!volume || n_parts != 5)
-        status = BIREF_EPROTO;
-    else {
-        voxels = (size_t)result->shape[0] * result->shape[1] * result->shape[2];
-        if ((double)result->shape[0] * result->shape[1] * result->shape[2] > (double)BIREF_MAX_VOLUME_VOXELS)
-            status = BIREF_EPROTO;
-        else if ((status = copy_floats(&parts[2], voxels, &result->ne)) == BIREF_OK
-                 && (status = copy_floats(&parts[3], voxels, &result->no)) == BIREF_OK)
-            status = copy_floats(&parts[4], 3 * voxels, &result->director);
-    }
-    if (status == BIREF_OK) {
-        result->header_size = zmq_msg_size(&parts[1]);
-        if ((result->header = malloc(result->header_size + 1)) == NULL)
-            status = BIREF_ENOMEM;
-        else
-            memcpy(result->header, zmq_msg_data(&parts[1]), result->header_size);
-    }
-    if (status != BIREF_OK)
-        biref_result_free(result);
-    return status;
 }
 
 /* receive one whole multipart message (assumes one is ready); parts beyond MAX_PARTS are drained
@@ -662,7 +329,15 @@ int biref_subscriber_recv(biref_subscriber *s, biref_result *result, int timeout
             return BIREF_ETIMEOUT;
         if (receive_parts(s->socket, parts, &n_parts) != BIREF_OK)
             return BIREF_EZMQ;
-        status = decode_result(parts, n_parts, result);
+        {
+            const void *frames[MAX_PARTS];
+            size_t sizes[MAX_PARTS];
+            for (int i = 0; i < (n_parts < MAX_PARTS ? n_parts : MAX_PARTS); i++) {
+                frames[i] = zmq_msg_data(&parts[i]);
+                sizes[i] = zmq_msg_size(&parts[i]);
+            }
+            status = biref_result_decode(result, frames, sizes, n_parts);
+        }
         for (int i = 0; i < (n_parts < MAX_PARTS ? n_parts : MAX_PARTS); i++)
             zmq_msg_close(&parts[i]);
         if (status == BIREF_ENOMEM)
@@ -671,7 +346,7 @@ int biref_subscriber_recv(biref_subscriber *s, biref_result *result, int timeout
             s->rejected++;
             continue;
         }
-        topic = topic_index(result->topic, strlen(result->topic));
+        topic = biref_topic_index(result->topic, strlen(result->topic));
         if (s->next_seq[topic] >= 0 && result->seq > s->next_seq[topic])
             s->missed[topic] += (uint64_t)(result->seq - s->next_seq[topic]);
         s->next_seq[topic] = result->seq + 1;
