@@ -41,7 +41,8 @@ def cxx_build(c_library, tmp_path_factory):
     lib = c_library.prefix / "lib"
 
     def build(source: Path, name: str) -> Path:
-        run([cxx, *CXXFLAGS, f"-I{c_library.prefix / 'include'}", f"-I{BINDINGS / 'cpp'}", source, f"-L{lib}",
+        # only the installed package: biref.h and biref.hpp from include/, the shared library from lib/
+        run([cxx, *CXXFLAGS, f"-I{c_library.prefix / 'include'}", source, f"-L{lib}",
              "-lbiref_c", f"-Wl,-rpath,{lib}", "-o", out / name])
         return out / name
     return build
