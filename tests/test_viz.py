@@ -240,3 +240,57 @@ def test_render_cli_writes_3d_view_and_video(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "4 frames" in done.stdout and (tmp_path / "v3d.png").stat().st_size > 10_000
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+class _Offset:
+    """A reconstruction that is the truth with n_e raised by ``offset``: PSNR n_e is known in closed
+    form, 20 log10(255 / (offset * 255 / 0.03)); n_o is exact (PSNR ∞)."""
+
+    def __init__(self, offset: float) -> None:
+        self.name = f"offset {offset}"
+        self.offset = offset
+
+    def reconstruct(self, acquisition):
+        t = acquisition.truth
+        return Volume(t.ne + self.offset, t.no, t.director, t.voxel_size_m, t.medium_index)
+
+
+def test_report_has_the_tables_with_measured_numbers_and_embedded_figures(tmp_path):
+    import dataclasses
+    import re
+
+    from biref_sdk.files import DatasetWriter
+    from biref_sdk.geometry import preset
+    from biref_sdk.viz.report import build_report, write_report
+
+    geometry = dataclasses.replace(preset("small"), volume_shape=SHAPE, voxel_size_m=VOXEL_M)
+    frames = np.zeros((2, geometry.n_views, *geometry.hologram_shape), np.uint16)
+    dataset = tmp_path / "set.h5"
+    with DatasetWriter(dataset, geometry, 3, frames, {}) as writer:
+        for i in range(3):
+            writer.write(i, frames, droplet_volume(centre=(12, 14, 16 + 2 * i), ne=1.56))  # + 0.006 stays < 1.57
+    card = tmp_path / "card"
+    card.mkdir()
+    from matplotlib.image import imsave
+
+    imsave(card / "loss_curve.png", np.random.default_rng(0).random((20, 30)))
+    report = build_report(dataset, {"small": _Offset(0.003), "large": _Offset(0.006)}, {"small": "cpu"},
+                          limit=None, n_figures=2, model_card_dir=card)
+    page = write_report(report, tmp_path / "r.html").read_text()
+    table1 = page[page.index("Table 1"):page.index("Table 2")]
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([\d.]+)</td><td>(.*?)</td>", table1)
+    assert rows == [("small", "20.00", "∞"), ("large", "13.98", "∞")]  # 20 log10(10), 20 log10(5)
+    table2 = page[page.index("Table 2"):]
+    times = re.findall(r"<tr><td>(\w+)</td><td>([\w ]+)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([\d.]+)</td>"
+                       r"<td>3</td></tr>", table2)
+    assert [t[:2] for t in times] == [("small", "cpu"), ("large", "large")]
+    assert page.count('src="data:image/png;base64,') == 3      # the loss curve and two samples
+    assert 'src="http' not in page and "<link" not in page and "<script" not in page  # self-contained
+
+
+def test_report_cli_fails_clearly_without_the_data_set(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "biref_sdk", "report", str(tmp_path / "none.h5"), "--out",
+                           str(tmp_path / "r.html"), "--method", "formula"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no such file" in done.stderr and "Traceback" not in done.stderr

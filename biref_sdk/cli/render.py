@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--video", type=Path, metavar="MP4|GIF", help="360-degree rotation of the 3D view")
     p.add_argument("--frames", type=int, default=72, help="video frames (default 72: 5 degrees apart)")
     p.add_argument("--fps", type=float, default=24.0, help="video frames per second (default 24)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=missing_extra_is_one_line("render", run))
 
 
 def load_volume(path: Path):
@@ -54,6 +55,17 @@ def parse_planes(text: str | None):
     if len(planes) != 3:
         raise ValueError(f"--planes {text!r}: expected three voxel indices Z,Y,X")
     return planes
+
+
+def missing_extra_is_one_line(command: str, func):
+    """A missing optional extra ends the command with the install hint, not a traceback."""
+    def run_with_hint(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ImportError as error:
+            print(f"biref {command}: error: {error}", file=sys.stderr)
+            return 1
+    return run_with_hint
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     from .reconstruct import add_method_arguments
+    from .render import missing_extra_is_one_line
 
     p = subparsers.add_parser("report", help="HTML report: Tables 1 and 2, loss curve, comparison figures",
                               description="Reconstruct the first --limit samples of a data set file with each "
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--model-card-dir", type=Path, help="folder with MODEL_CARD.md and loss_curve.png "
                    "(default: the shipped trained_models/)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
-    p.set_defaults(func=run)
+    p.set_defaults(func=missing_extra_is_one_line("report", run))
 
 
 def run(args: argparse.Namespace) -> int:
