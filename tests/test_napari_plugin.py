@@ -106,28 +106,36 @@ def test_latest_result_keeps_only_the_newest():
     assert box.take() == "third" and box.take() is None and box.superseded == 2
 
 
-@pytest.fixture
-def serve():
-    """A real `biref serve --method formula` on free loopback ports."""
+def start_serve(*extra: str):
+    """A real `biref serve --method formula` on free loopback ports: (process, addresses)."""
     process = subprocess.Popen([sys.executable, "-m", "biref_sdk", "serve", "--method", "formula",
                                 "--ingest", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
-                                "--status-interval", "0.2", "--preview-every", "37", "--quiet"],
+                                "--status-interval", "0.2", "--quiet", *extra],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        addresses = {}
-        for _ in range(2):  # the handshake lines: "ingest ADDR", "results ADDR"
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"biref serve did not start: {process.stderr.read()}")
-            key, address = line.split()
-            addresses[key] = address
-        yield addresses
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+    addresses = {}
+    for _ in range(2):  # the handshake lines: "ingest ADDR", "results ADDR"
+        line = process.stdout.readline()
+        if not line:
             process.kill()
+            raise RuntimeError(f"biref serve did not start: {process.stderr.read()}")
+        key, address = line.split()
+        addresses[key] = address
+    return process, addresses
+
+
+def stop_serve(process) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture
+def serve():
+    process, addresses = start_serve("--preview-every", "37")
+    yield addresses
+    stop_serve(process)
 
 
 def test_widget_shows_a_streamed_acquisition(serve, viewer, qtbot):
@@ -220,3 +228,60 @@ def test_plugin_in_the_qt_viewer(tmp_path, request):
     if done.returncode != 0 and "in qapp" in done.stderr + done.stdout:
         pytest.skip("Qt's xcb platform did not start under xvfb-run (libxcb-cursor0 and friends missing?)")
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_newest_volume_wins_when_the_display_is_slower(serve):
+    """The worker's generator against the service, with nobody taking from the mailbox (a busy
+    GUI): of two volumes, only the newest is waiting, and the other is counted as skipped."""
+    import time
+
+    from biref_sdk.napari.widget import LatestResult, StreamState, receive
+    from biref_sdk.streaming.client import Producer
+    from biref_sdk.streaming.microscope import SimulatedMicroscope
+
+    mailbox, state = LatestResult(), StreamState()
+    worker = receive(serve["results"], ("volume",), None, mailbox, state)
+    deadline = time.monotonic() + 30
+    while not state.connected:
+        next(worker)
+        assert time.monotonic() < deadline, "no status heartbeat from biref serve"
+    microscope = SimulatedMicroscope("small", seed=4, id_prefix="napari")
+    with Producer(serve["ingest"], timeout_s=60) as producer:
+        for name in ("first", "second"):
+            producer.send_acquisition(microscope.acquisition(0), name)
+    tokens = []
+    deadline = time.monotonic() + 120
+    while state.volumes < 2:
+        tokens.append(next(worker))
+        assert time.monotonic() < deadline, "the service published no two volumes"
+    worker.close()
+    assert tokens.count(True) == 1                        # the GUI is told once, not once per volume
+    assert mailbox.take().acquisition_id == "second" and mailbox.superseded == 1
+
+
+@pytest.mark.skipif(not __import__("zmq").has("curve"), reason="this libzmq has no CURVE support")
+def test_widget_connects_with_curve_keys(tmp_path, viewer, qtbot):
+    from biref_sdk.napari.widget import StreamWidget
+    from biref_sdk.streaming.security import generate_keys
+
+    server_public, server_secret = generate_keys(tmp_path / "server", "server")
+    client_public, client_secret = generate_keys(tmp_path / "client", "client")
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    (authorized / "client.key").write_bytes(client_public.read_bytes())
+    process, addresses = start_serve("--curve-secret-key", str(server_secret),
+                                     "--curve-authorized-keys", str(authorized))
+    try:
+        widget = StreamWidget(viewer)
+        qtbot.addWidget(widget)
+        widget.endpoint.setText(addresses["results"])
+        widget.server_key.setText(str(server_public))
+        widget.client_secret.setText(str(client_secret))
+        widget.connect_button.click()
+        # a status heartbeat decoded through the encrypted, authenticated socket
+        qtbot.waitUntil(lambda: widget.state.connected, timeout=30_000)
+        assert widget.state.errors == 0
+        widget.connect_button.click()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    finally:
+        stop_serve(process)
