@@ -18,6 +18,9 @@ pytest.importorskip("pytestqt", reason="the napari widget tests need pytest-qt")
 
 from biref_sdk.files import Volume, write_acquisition, write_volume  # noqa: E402
 
+# make_napari_viewer_proxy; napari's plugin is off for the rest of the suite (pyproject addopts)
+pytest_plugins = ("napari.utils._testsupport",)
+
 MANIFEST = Path(__file__).resolve().parents[1] / "biref_sdk" / "napari" / "napari.yaml"
 
 

@@ -294,3 +294,22 @@ def test_report_cli_fails_clearly_without_the_data_set(tmp_path):
     done = subprocess.run([sys.executable, "-m", "biref_sdk", "report", str(tmp_path / "none.h5"), "--out",
                            str(tmp_path / "r.html"), "--method", "formula"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_report_cli_on_a_simulated_data_set(tmp_path):
+    import re
+
+    data = tmp_path / "data.h5"
+    done = subprocess.run([sys.executable, "-m", "biref_sdk", "simulate", "--preset", "small", "--n", "1", "--seed",
+                           "7", "--out", str(data)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "biref_sdk", "report", str(data), "--method", "formula",
+                           "--figures", "1", "--out", str(tmp_path / "r.html")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "r.html").read_text()
+    psnr_ne, psnr_no = (float(v) for v in re.search(r"<tr><td>formula</td><td>([\d.]+)</td><td>([\d.]+)</td>",
+                                                    page).groups())
+    assert 15 < psnr_ne < 40 and 15 < psnr_no < 45      # the formula method's range (model card: 22.75 / 29.92)
+    assert re.search(r"<tr><td>formula</td><td>formula on cpu</td><td>[\d.]+</td>", page)
+    assert page.count('src="data:image/png;base64,') == 2   # the shipped model's loss curve and the sample

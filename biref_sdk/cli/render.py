@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, help="slice figure (PNG, PDF or SVG)")
     p.add_argument("--planes", help="Z,Y,X voxel indices of the planes (default: the largest droplet's centre)")
     p.add_argument("--title", help="figure title")
-    p.add_argument("--view3d", type=Path, metavar="PNG", help="3D view: Δn isosurfaces with director glyphs")
+    p.add_argument("--view3d", type=Path, metavar="PNG", help="3D view: Δn isosurfaces with director glyphs (of VOLUME, "
+                   "or of the first --compare file)")
     p.add_argument("--video", type=Path, metavar="MP4|GIF", help="360-degree rotation of the 3D view")
     p.add_argument("--frames", type=int, default=72, help="video frames (default 72: 5 degrees apart)")
     p.add_argument("--fps", type=float, default=24.0, help="video frames per second (default 24)")

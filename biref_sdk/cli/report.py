@@ -29,13 +29,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..network.io import SHIPPED_MODELS_DIR
     from ..viz.report import build_report, write_report
-    from .reconstruct import build_reconstructors
+    from .reconstruct import build_reconstructors, parse_options
 
     if not args.dataset.is_file():
         raise FileNotFoundError(f"no such file: {args.dataset}")
     methods = list(dict.fromkeys(args.methods or ["formula", "model"]))
     reconstructors = build_reconstructors(methods, args)
-    engines = {m: f"{getattr(r, 'name', m)} on {args.device}" for m, r in reconstructors.items()}
+    options = parse_options(args.option, methods)  # e.g. an engine choice: shown in Table 2
+    engines = {m: f"{getattr(r, 'name', m)} on {args.device}"
+                  + "".join(f", {k}={v}" for k, v in options[m].items()) for m, r in reconstructors.items()}
     report = build_report(args.dataset, reconstructors, engines, limit=args.limit, n_figures=args.figures,
                           model_card_dir=args.model_card_dir or SHIPPED_MODELS_DIR, progress=args.progress)
     print(f"report: {write_report(report, args.out)} ({report.n_samples} samples, methods {', '.join(methods)})")
