@@ -60,9 +60,12 @@ class StreamState:
     display_delay_s: float | None = None
     missed: int = 0
     rejected: int = 0
+    last_message_monotonic_s: float | None = None  # a silent service shows as a growing age
 
     def text(self, superseded: int) -> str:
-        lines = [f"{'connected' if self.connected else 'waiting for the service'}",
+        age = "" if self.last_message_monotonic_s is None else \
+            f", last message {time.monotonic() - self.last_message_monotonic_s:.1f} s ago"
+        lines = [f"{'connected' if self.connected else 'waiting for the service'}{age}",
                  f"received: {self.volumes} volumes, {self.previews} previews; shown {self.shown}, "
                  f"skipped {superseded} (newer arrived)"]
         if self.acquisition_id:
@@ -93,6 +96,7 @@ def receive(address: str, topics: tuple[str, ...], curve, mailbox: LatestResult,
                 log.warning("stream receive failed: %s", state.last_error)
                 yield None
                 continue
+            state.last_message_monotonic_s = time.monotonic()
             state.missed, state.rejected = sum(subscriber.missed.values()), subscriber.rejected
             header = result.header
             if result.topic == "status":
