@@ -22,10 +22,11 @@ def volume_scale_translate(volume: Volume) -> tuple[tuple[float, ...], tuple[flo
 def director_vectors(volume: Volume, step_um: float = DIRECTOR_STEP_UM,
                      threshold: float = BIREFRINGENCE_THRESHOLD) -> np.ndarray:
     """napari Vectors data [n, 2, 3] in voxel coordinates (z, y, x): start and projection of
-    sign-free segments (centred on the voxel) along the director where Δn > threshold; lengths
-    are physical (``step_um`` * 0.9) once the layer's scale applies."""
+    sign-free segments (centred on the voxel) along the director where Δn > threshold, on every z
+    plane; lengths are physical (``step_um`` * 0.9) once the layer's scale applies."""
     scale = np.asarray(volume_scale_translate(volume)[0])
-    steps = [max(1, int(round(step_um / s))) for s in scale]
+    # every z plane (napari browses z slices), ``step_um`` apart within a plane
+    steps = [1] + [max(1, int(round(step_um / s))) for s in scale[1:]]
     grid = np.meshgrid(*(np.arange(s // 2, n, s) for s, n in zip(steps, volume.shape)), indexing="ij")
     k, j, i = (g.ravel() for g in grid)
     keep = (volume.ne - volume.no)[k, j, i] > threshold
@@ -53,8 +54,10 @@ def volume_layers(volume: Volume, prefix: str = "") -> list[tuple]:
         (dn, {**common, "name": f"{prefix}Δn", "colormap": "gray",
               "contrast_limits": (min(0.0, float(dn.min())), max(float(dn.max()), 1e-4))}, "image"),
         (director_vectors(volume), {"scale": scale, "translate": translate, "units": "µm",
-                                    "name": f"{prefix}director", "edge_color": "red", "edge_width": 0.05,
-                                    "length": 1.0}, "vectors"),
+                                    "name": f"{prefix}director", "edge_color": "red", "edge_width": 0.1,
+                                    "length": 1.0, "vector_style": "line",   # sign-free: no arrow heads
+                                    # segments start off the voxel plane (centred on it): show those crossing it
+                                    "out_of_slice_display": True}, "vectors"),
     ]
     return layers
 
