@@ -56,7 +56,7 @@ def volume_layers(volume: Volume, prefix: str = "") -> list[tuple]:
         (director_vectors(volume), {"scale": scale, "translate": translate, "units": "µm",
                                     "name": f"{prefix}director", "edge_color": "red", "edge_width": 0.1,
                                     "length": 1.0, "vector_style": "line",   # sign-free: no arrow heads
-                                    # segments start off their voxel plane (centred on it): show those crossing the slice
+                                    # segments centred on their voxel start off its plane: show those crossing it
                                     "projection_mode": "all"}, "vectors"),
     ]
     return layers
