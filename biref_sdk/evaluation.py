@@ -45,16 +45,20 @@ class MethodScores:
         return out
 
 
-def evaluate(dataset_path, reconstructors: dict, limit: int | None = None, progress: bool = False) -> dict[str, dict]:
+def evaluate(dataset_path, reconstructors: dict, limit: int | None = None, progress: bool = False,
+             scores: dict[str, MethodScores] | None = None, on_volume=None) -> dict[str, dict]:
     """Scores of each named :class:`Reconstructor` on the first ``limit`` samples (all by default)
-    of a data set file: ``{method: {psnr_ne, ..., seconds_per_sample, n_samples}}``."""
+    of a data set file: ``{method: {psnr_ne, ..., seconds_per_sample, n_samples}}``. ``scores``
+    (optional, filled in) keeps the per-sample values and times; ``on_volume(index, method,
+    acquisition, volume)`` sees each reconstruction (e.g. to draw a few)."""
     from .files import Dataset
 
     if not reconstructors:
         raise ValueError("no reconstruction method to evaluate")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    scores = {name: MethodScores(name) for name in reconstructors}
+    scores = scores if scores is not None else {}
+    scores.update({name: MethodScores(name) for name in reconstructors})
     with Dataset(dataset_path) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         iterator = range(n)
@@ -68,6 +72,8 @@ def evaluate(dataset_path, reconstructors: dict, limit: int | None = None, progr
                 volume = reconstructor.reconstruct(acquisition)
                 scores[name].seconds.append(time.perf_counter() - start)
                 scores[name].samples.append(compare_volumes(acquisition.truth, volume))
+                if on_volume is not None:
+                    on_volume(index, name, acquisition, volume)
     return {name: s.summary() for name, s in scores.items()}
 
 
