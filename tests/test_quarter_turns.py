@@ -11,7 +11,8 @@ from biref_sdk.geometry import preset
 from biref_sdk.holography import CameraConfig
 from biref_sdk.network.config import config_for_geometry
 from biref_sdk.network.model import q_from_director
-from biref_sdk.network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
+from biref_sdk.network.preprocess import InputPreprocessor
+from biref_sdk.reconstruction.prior import formula_prior, formula_reconstructor
 from biref_sdk.samples import random_sample, volume_sample
 from biref_sdk.simulate import SimulationConfig, Simulator
 from biref_sdk.network.symmetry import QuarterTurns, quarter_turn_sources, turn_image, turn_q

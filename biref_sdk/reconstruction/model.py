@@ -122,7 +122,7 @@ class ModelSession(ReconstructionSession):
             sequences.append(torch.stack(states, dim=1))
         prior = None
         if self._prior_session is not None:
-            from ..network.preprocess import formula_prior
+            from .prior import formula_prior
             from ..network.symmetry import turn_prior
 
             prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
@@ -198,7 +198,7 @@ class ModelReconstructor(Reconstructor):
 
     def prior_reconstructor(self):
         """The formula reconstructor of the model's prior, built once (it caches per-geometry tables)."""
-        from ..network.preprocess import formula_reconstructor
+        from .prior import formula_reconstructor
 
         if self._prior_reconstructor is None:
             self._prior_reconstructor = formula_reconstructor(self.model.config, device=self.device)
