@@ -215,15 +215,3 @@ def q_from_director(director: torch.Tensor) -> torch.Tensor:
     basis = Q_BASIS.to(director.device, director.dtype)
     outer = director.unsqueeze(-4) * director.unsqueeze(-5)  # [..., 3, 3, Z, Y, X]
     return torch.einsum("kij,...ijzyx->...kzyx", basis, outer)
-
-
-def director_from_q(q: torch.Tensor) -> torch.Tensor:
-    """Q components ``[5, Z, Y, X]`` -> director ``[3, Z, Y, X]``: the eigenvector of Q with the
-    largest eigenvalue (unit length, sign fixed so the largest-magnitude component is positive)."""
-    basis = Q_BASIS.to(q.device, torch.float64)
-    matrix = torch.einsum("kij,kzyx->zyxij", basis, q.to(torch.float64))
-    _, vectors = torch.linalg.eigh(matrix)
-    d = vectors[..., :, -1]  # [Z, Y, X, 3]
-    sign = torch.sign(torch.gather(d, -1, d.abs().argmax(dim=-1, keepdim=True)))
-    sign[sign == 0] = 1
-    return (d * sign).permute(3, 0, 1, 2).to(torch.float32)
