@@ -15,6 +15,7 @@ COMMANDS = (
     "microscope_sim",
     "demo",
     "reconstruct", "evaluate",
+    "export", "bench",
 )
 
 

@@ -56,7 +56,8 @@ def turn_image(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-2] != n:
         raise ValueError(f"a quarter turn needs a square grid, got {tuple(x.shape[-2:])}")
     index = (n - torch.arange(n, device=x.device)) % n
-    return x.transpose(-2, -1)[..., index]
+    # rows gathered whole, then transposed: indexing the last axis of a transposed view is ~10x slower
+    return x.index_select(-2, index).transpose(-2, -1)
 
 
 def _q_turn_matrix() -> torch.Tensor:

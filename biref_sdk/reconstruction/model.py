@@ -14,6 +14,7 @@ answers, turned back, are averaged.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ class ModelSession(ReconstructionSession):
         if missing and not allow_missing:
             raise ValueError(f"{missing} views are missing; pass allow_missing=True to reconstruct without them")
         # finalize leaves the session as it was (a preview may be followed by more views)
+        clock = _StageClock()
         turns = len(self._states)
         sequences = []
         for turn in range(turns):
@@ -120,6 +122,7 @@ class ModelSession(ReconstructionSession):
                 hidden = self._engine.gru_step(hidden, features)
                 states.append(hidden)
             sequences.append(torch.stack(states, dim=1))
+        clock.lap("gru_steps")
         prior = None
         if self._prior_session is not None:
             from .prior import formula_prior
@@ -130,11 +133,16 @@ class ModelSession(ReconstructionSession):
             for _ in range(1, turns):
                 priors.append(turn_prior(priors[-1]))
             prior = torch.stack(priors).to(self._engine.device)
+            clock.lap("formula_prior")
         ne, no, q = self._engine.finalize(torch.cat(sequences), prior)  # a batch of the turns
+        clock.lap("decoder")
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
         answers = [turn_output(ne[t], no[t], q[t], -t) for t in range(turns)]
         ne, no, q = (torch.stack(a).mean(dim=0) for a in zip(*answers))
+        clock.lap("turns_back")
         director = director_from_q(q.cpu())
+        clock.lap("director")
+        self.finalize_timings_s = clock.laps  # the last finalize's stages (the benchmark's breakdown)
         parameters = {"method": "model", "model_sha256": self._model.sha256,
                       "model_file": os.path.basename(self._model.path or ""), "missing_views": missing,
                       "window_length": self._config.window_length, "sequence_length": self._config.sequence_length,
@@ -142,6 +150,19 @@ class ModelSession(ReconstructionSession):
         return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
                       parameters=parameters)
+
+
+class _StageClock:
+    """Wall time of consecutive stages (seconds), for the latency breakdown."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def director_from_q(q: torch.Tensor) -> torch.Tensor:
