@@ -14,8 +14,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), help="onnx (default) or tensorrt")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
-                   help="TensorRT precision (fp16: an fp16 graph, attention and normalisation kept fp32)")
+    p.add_argument("--precision", default="fp32", choices=("fp32",), help="graph precision (fp32 only for now)")
     p.set_defaults(func=run)
 
 
@@ -27,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engines.export import STAGES, export_onnx
 
     model = load_model(args.model or shipped_model_path())
-    out = export_onnx(model, args.out, opset=args.opset)
+    out = export_onnx(model, args.out, opset=args.opset, precision=args.precision)
     for stage in STAGES:
         print(f"{out / (stage + '.onnx')}: {(out / (stage + '.onnx')).stat().st_size / 1e6:.2f} MB")
     if args.format == "tensorrt":

@@ -105,8 +105,12 @@ def manifest(model, opset: int = OPSET, precision: str = "fp32") -> dict:
                        for name, sig in stage_signatures(model.config).items()}}
 
 
-def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
-    """Write the three stage graphs of a loaded model and ``manifest.json`` to ``out_dir``."""
+def export_onnx(model, out_dir, opset: int = OPSET, precision: str = "fp32") -> Path:
+    """Write the three stage graphs of a loaded model and ``manifest.json`` to ``out_dir``.
+    ``precision``: ``fp32`` (fp16 graphs with fp32 attention and normalisation are not written
+    yet: the TensorRT engine builds fp32 until they are)."""
+    if precision != "fp32":
+        raise ValueError(f"{precision} graphs are not implemented yet; export fp32")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = model.network.to("cpu").eval()
