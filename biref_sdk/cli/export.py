@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), help="onnx (default) or tensorrt")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
-    p.add_argument("--precision", default="fp32", choices=("fp32",), help="graph precision (fp32 only for now)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                   help="graph precision: fp32 (default) or fp16 (attention and normalisation fp32; for TensorRT)")
     p.set_defaults(func=run)
 
 

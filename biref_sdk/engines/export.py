@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -29,31 +30,41 @@ STAGES = ("encode", "gru_step", "finalize")
 MANIFEST = "manifest.json"
 
 
-class _Encode(nn.Module):
-    def __init__(self, network) -> None:
+class _Stage(nn.Module):
+    """One stage with fp32 inputs and outputs around a network of ``dtype``: the casts are part
+    of the graph, so a strongly typed TensorRT network keeps exactly these precisions."""
+
+    def __init__(self, network, stage: str, dtype: torch.dtype) -> None:
         super().__init__()
-        self.network = network
+        self.network, self.stage, self.dtype = network, stage, dtype
 
-    def forward(self, window):
-        return self.network.encode(window)
-
-
-class _GruStep(nn.Module):
-    def __init__(self, network) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, features, hidden):
-        return self.network.gru_step(hidden, features)
+    def forward(self, *inputs):
+        if self.stage == "encode":
+            return self.network.encode(inputs[0].to(self.dtype)).float()
+        if self.stage == "gru_step":  # graph inputs (x_t, h_{t-1}); the network's (hidden, features)
+            features, hidden = inputs
+            return self.network.gru_step(hidden.to(self.dtype), features.to(self.dtype)).float()
+        states, *prior = inputs  # the prior stays fp32: finalize casts it to the decoder's dtype
+        ne, no, q = self.network.finalize(states.to(self.dtype), *prior)
+        return ne.float(), no.float(), q.float()
 
 
-class _Finalize(nn.Module):
-    def __init__(self, network) -> None:
-        super().__init__()
-        self.network = network
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
-    def forward(self, states, prior=None):
-        return self.network.finalize(states, prior)
+
+def reduced_precision(network, precision: str):
+    """A copy of ``network`` in ``precision`` with attention and normalisation kept fp32 (their
+    softmax and statistics lose too much in fp16); the output sigmoids run fp32 (BirefNet.finalize)."""
+    from ..network.model import Float32BatchNorm3d
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    copy = deepcopy(network).to(PRECISIONS[precision])
+    copy.attention.float()
+    for module in copy.modules():
+        if isinstance(module, Float32BatchNorm3d):
+            module.float()
+    return copy.eval()
 
 
 def stage_signatures(config) -> dict[str, dict]:
@@ -74,12 +85,9 @@ def stage_signatures(config) -> dict[str, dict]:
     }
 
 
-def _stage_module(network, stage: str) -> nn.Module:
-    return {"encode": _Encode, "gru_step": _GruStep, "finalize": _Finalize}[stage](network).eval()
-
-
-def stage_graph(network, stage: str, opset: int = OPSET) -> bytes:
-    """One stage of ``network`` (a BirefNet on the CPU) as a serialized ONNX model."""
+def stage_graph(network, stage: str, opset: int = OPSET, precision: str = "fp32") -> bytes:
+    """One stage of ``network`` (a BirefNet on the CPU) as a serialized ONNX model, its inputs and
+    outputs fp32 whatever the ``precision`` inside."""
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     signature = stage_signatures(network.config)[stage]
@@ -91,7 +99,8 @@ def stage_graph(network, stage: str, opset: int = OPSET) -> bytes:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         with torch.no_grad():
-            torch.onnx.export(_stage_module(network, stage), examples, buffer, opset_version=opset, dynamo=False,
+            module = _Stage(reduced_precision(network, precision), stage, PRECISIONS[precision])
+            torch.onnx.export(module, examples, buffer, opset_version=opset, dynamo=False,
                               input_names=list(signature["inputs"]), output_names=list(signature["outputs"]),
                               do_constant_folding=True)
     return buffer.getvalue()
@@ -107,16 +116,14 @@ def manifest(model, opset: int = OPSET, precision: str = "fp32") -> dict:
 
 def export_onnx(model, out_dir, opset: int = OPSET, precision: str = "fp32") -> Path:
     """Write the three stage graphs of a loaded model and ``manifest.json`` to ``out_dir``.
-    ``precision``: ``fp32`` (fp16 graphs with fp32 attention and normalisation are not written
-    yet: the TensorRT engine builds fp32 until they are)."""
-    if precision != "fp32":
-        raise ValueError(f"{precision} graphs are not implemented yet; export fp32")
+    ``precision``: ``fp32`` or ``fp16`` (fp16 weights and activations, attention and
+    normalisation fp32: what a strongly typed TensorRT network builds)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = model.network.to("cpu").eval()
     for stage in STAGES:
-        (out / f"{stage}.onnx").write_bytes(stage_graph(network, stage, opset))
-    (out / MANIFEST).write_text(json.dumps(manifest(model, opset), indent=2))
+        (out / f"{stage}.onnx").write_bytes(stage_graph(network, stage, opset, precision))
+    (out / MANIFEST).write_text(json.dumps(manifest(model, opset, precision), indent=2))
     logger.info("exported %s to %s", ", ".join(STAGES), out)
     return out
 
