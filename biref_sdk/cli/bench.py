@@ -6,7 +6,7 @@ are the last-view latency (the last view's own work plus ``finalize``: the volum
 long after the last view arrives), its breakdown (model: remaining GRU steps, formula prior,
 decoder, turning back, director), the per-view work while views arrive, the throughput with
 views back to back (1 / (all per-view work + finalize)) and the process's peak resident memory
-after the engine's runs (cumulative over the run). ``--paper`` also times the stages of an
+at the end of the run (all engines of the process together). ``--paper`` also times the stages of an
 untrained network of the ``paper`` preset's size (no trained weights exist for it: timing only).
 """
 from __future__ import annotations
@@ -44,26 +44,30 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _stream(reconstructor, acquisitions, rate: float) -> dict:
-    latencies, per_view, throughputs, breakdowns = [], [], [], []
-    for acquisition in acquisitions:
-        session = reconstructor.start(acquisition.geometry, acquisition.background)
-        order = [(p, v) for v in range(acquisition.geometry.n_views) for p in range(2)]
-        work = []
-        for index, (p, v) in enumerate(order):
-            arrived = time.perf_counter()
-            session.add_view(p, v, acquisition.holograms[p, v])
-            done = time.perf_counter()
-            work.append(done - arrived)
-            if rate and index < len(order) - 1:  # pace as a camera: the next view arrives 1/rate later
-                time.sleep(max(0.0, arrived + 1.0 / rate - time.perf_counter()))
-        session.finalize()
-        finished = time.perf_counter()
-        latencies.append(finished - arrived)
-        per_view.extend(work[:-1])
-        throughputs.append(1.0 / (sum(work) + finished - done))
-        breakdowns.append({"last_view": work[-1], **getattr(session, "finalize_timings_s", {}),
-                           "finalize": finished - done})
+def _stream_one(reconstructor, acquisition, rate: float) -> dict:
+    """One acquisition streamed view by view at ``rate`` (0: back to back) -> its measurements."""
+    session = reconstructor.start(acquisition.geometry, acquisition.background)
+    order = [(p, v) for v in range(acquisition.geometry.n_views) for p in range(2)]
+    work = []
+    for index, (p, v) in enumerate(order):
+        arrived = time.perf_counter()
+        session.add_view(p, v, acquisition.holograms[p, v])
+        done = time.perf_counter()
+        work.append(done - arrived)
+        if rate and index < len(order) - 1:  # pace as a camera: the next view arrives 1/rate later
+            time.sleep(max(0.0, arrived + 1.0 / rate - time.perf_counter()))
+    session.finalize()
+    finished = time.perf_counter()
+    return {"latency": finished - arrived, "per_view": work[:-1], "throughput": 1.0 / (sum(work) + finished - done),
+            "breakdown": {"last_view": work[-1], **getattr(session, "finalize_timings_s", {}),
+                          "finalize": finished - done}}
+
+
+def _summary(runs: list[dict]) -> dict:
+    latencies = [r["latency"] for r in runs]
+    per_view = [t for r in runs for t in r["per_view"]]
+    throughputs = [r["throughput"] for r in runs]
+    breakdowns = [r["breakdown"] for r in runs]
     breakdown = {k: 1e3 * statistics.median(b[k] for b in breakdowns) for k in breakdowns[0]}
     return {"latency_p50_ms": 1e3 * statistics.median(latencies), "latency_p99_ms": 1e3 * _percentile(latencies, 99),
             "per_view_p50_ms": 1e3 * statistics.median(per_view),
@@ -119,15 +123,18 @@ def run(args: argparse.Namespace) -> int:
     microscope = SimulatedMicroscope(args.preset, seed=0, id_prefix="bench")
     acquisitions = [microscope.acquisition(i) for i in range(args.acquisitions)]
     load_before = os.getloadavg()
-    rows = {}
-    for name in engines:
-        reconstructor = ModelReconstructor(args.model, engine=name, threads=args.threads, quarter_turns=turns)
-        _stream(reconstructor, acquisitions[:1], 0)  # warm-up: caches, thread pools, graph optimisation
-        rows[f"model/{name}"] = {"engine": reconstructor.engine.describe(),
-                                 **_stream(reconstructor, acquisitions, args.rate)}
-    formula = FormulaReconstructor()
-    _stream(formula, acquisitions[:1], 0)
-    rows["formula"] = {"engine": "formula (torch cpu)", **_stream(formula, acquisitions, args.rate)}
+    methods = {f"model/{name}": ModelReconstructor(args.model, engine=name, threads=args.threads, quarter_turns=turns)
+               for name in engines}
+    methods["formula"] = FormulaReconstructor()
+    runs = {name: [] for name in methods}
+    for name, reconstructor in methods.items():  # warm-up: caches, thread pools, graph optimisation
+        _stream_one(reconstructor, acquisitions[0], 0)
+    # round robin, one acquisition per method in turn: the machine's load changes alike for all
+    for acquisition in acquisitions:
+        for name, reconstructor in methods.items():
+            runs[name].append(_stream_one(reconstructor, acquisition, args.rate))
+    rows = {name: {"engine": r.engine.describe() if name != "formula" else "formula (torch cpu)",
+                   **_summary(runs[name])} for name, r in methods.items()}
     paper = {f"model/{name}": _paper_stages(name, args.threads) for name in engines} if args.paper else {}
     results = {"preset": args.preset, "rate_views_per_s": args.rate, "acquisitions": args.acquisitions,
                "threads": args.threads, "load_average_before": load_before, "load_average_after": os.getloadavg(),
