@@ -213,3 +213,18 @@ def test_tensorrt_engine_equals_pytorch(tmp_path):
     reference = create_engine("torch", load_model(shipped_model_path()), device="cpu")
     engine = create_engine("tensorrt", model, engines=tmp_path)
     _assert_same_stages(reference, engine, model.config, 1e-5)
+
+
+@pytest.mark.slow
+def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert biref(["bench", "--engine", "onnxruntime", "--acquisitions", "1", "--rate", "0", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model/onnxruntime" in printed and "formula" in printed
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"model/onnxruntime", "formula"}
+    model = rows["model/onnxruntime"]
+    assert model["latency_p50_ms"] > 0 and model["throughput_acq_per_s"] > 0 and model["peak_rss_mb"] > 0
+    assert {"last_view", "formula_prior", "decoder", "turns_back", "director"} <= set(model["breakdown_p50_ms"])
