@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from ..network.io import load_model, shipped_model_path
 
     require("onnx", "export", "onnx")
+    if args.format == "tensorrt":  # before anything is written
+        require("tensorrt", "tensorrt", "tensorrt")
     from ..engines.export import STAGES, export_onnx
 
     model = load_model(args.model or shipped_model_path())
@@ -31,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
     for stage in STAGES:
         print(f"{out / (stage + '.onnx')}: {(out / (stage + '.onnx')).stat().st_size / 1e6:.2f} MB")
     if args.format == "tensorrt":
-        require("tensorrt", "tensorrt", "tensorrt")
         from ..engines.tensorrt_engine import build_engines
 
         for path in build_engines(model, out, precision=args.precision):
