@@ -102,6 +102,7 @@ class _Stage:
             self.context.set_tensor_address(name, tensor.data_ptr())
 
     def __call__(self, stream: torch.cuda.Stream, **values: torch.Tensor) -> list[torch.Tensor]:
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the caller's stream
         with torch.cuda.stream(stream):
             for name, value in values.items():
                 self.inputs[name].copy_(value, non_blocking=True)

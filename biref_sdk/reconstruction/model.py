@@ -10,6 +10,10 @@ session as it arrives; ``finalize`` finishes that session first and passes its v
 decoder. With ``quarter_turns`` the same runs for the acquisition turned by one, two and three
 quarter turns about the optical axis (its windows are other sets of the same views), and the four
 answers, turned back, are averaged.
+
+The network's stages run on an inference engine (:mod:`biref_sdk.engines`: torch, ONNX Runtime
+or TensorRT); the session uses the engine interface alone. ``finalize_timings_s`` records the
+last ``finalize``'s stages (the benchmark's breakdown, docs/performance.md).
 """
 from __future__ import annotations
 
