@@ -122,7 +122,7 @@ def test_reconstructor_without_a_model_uses_the_shipped_one():
 
 
 def test_a_model_with_the_formula_prior_round_trips_and_its_session_equals_the_whole_forward(tmp_path):
-    from biref_sdk.network.preprocess import formula_prior, formula_reconstructor
+    from biref_sdk.reconstruction.prior import formula_prior, formula_reconstructor
 
     network = tiny_network(seed=5, prior="formula", normalization="none")
     path = tmp_path / "prior.h5"
@@ -178,7 +178,7 @@ def test_a_format_1_file_reads_as_a_network_without_prior(model_file):
 def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_back(tmp_path, model_file):
     from biref_sdk.network.config import config_for_geometry
     from biref_sdk.network.model import BirefNet
-    from biref_sdk.network.preprocess import formula_prior, formula_reconstructor
+    from biref_sdk.reconstruction.prior import formula_prior, formula_reconstructor
     from biref_sdk.network.symmetry import quarter_turn_sources, turn_output, turn_prior, turn_views
 
     geometry = tiny_geometry(9)  # a ring of 8 views maps onto itself under a quarter turn

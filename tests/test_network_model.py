@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from biref_sdk.geometry import Geometry, preset, ring_illumination_sines
-from biref_sdk.network import (BirefNet, InputPreprocessor, NetworkConfig, config_for_geometry, director_from_q,
+from biref_sdk.network import (BirefNet, InputPreprocessor, NetworkConfig, config_for_geometry,
                                fourier_downsample, q_from_director, window_layout)
 
 
@@ -160,6 +160,8 @@ def test_q_tensor_is_sign_free_and_gives_back_the_director():
     torch.testing.assert_close(q, q_from_director(-director))
     # the basis is orthonormal, so |q| equals the Frobenius norm of d d^T - I/3: sqrt(2/3)
     torch.testing.assert_close(q.norm(dim=0), torch.full(q.shape[1:], math.sqrt(2 / 3)), rtol=1e-5, atol=1e-5)
+    from biref_sdk.reconstruction.model import director_from_q
+
     back = director_from_q(q)
     alignment = (back * director).sum(dim=0).abs()
     torch.testing.assert_close(alignment, torch.ones_like(alignment), rtol=1e-5, atol=1e-5)
@@ -225,8 +227,10 @@ def test_preprocessor_rejects_a_wrong_background():
 # -- the formula prior ------------------------------------------------------------------------------
 def test_prior_configuration_records_every_formula_option():
     from biref_sdk.reconstruction.formula import FormulaOptions
+    from biref_sdk.reconstruction.prior import with_prior_options
 
-    config = config_for_geometry(tiny_geometry(), "tiny", prior="formula", prior_options={"shrinkage": 0.0})
+    config = with_prior_options(config_for_geometry(tiny_geometry(), "tiny", prior="formula",
+                                                    prior_options={"shrinkage": 0.0}))
     assert config.prior_channels == 7
     assert set(config.prior_options) == set(FormulaOptions.__dataclass_fields__)
     assert config.prior_options["shrinkage"] == 0.0
@@ -234,10 +238,11 @@ def test_prior_configuration_records_every_formula_option():
     assert NetworkConfig.from_dict(config.to_dict()) == config
     assert config_for_geometry(tiny_geometry(), "tiny").prior_channels == 0
     base = config_for_geometry(tiny_geometry(), "tiny").to_dict()
-    for bad in (dict(prior="learned"), dict(prior_options={"shrinkage": 0.0}),
-                dict(prior="formula", prior_options={"colour": 1})):
+    for bad in (dict(prior="learned"), dict(prior_options={"shrinkage": 0.0}), dict(prior="formula", prior_options=3)):
         with pytest.raises((ValueError, TypeError)):
             NetworkConfig(**{**base, **bad})
+    with pytest.raises(ValueError, match="colour"):
+        with_prior_options(NetworkConfig(**{**base, "prior": "formula", "prior_options": {"colour": 1}}))
 
 
 def test_stage_by_stage_with_the_prior_equals_the_whole_forward():
@@ -273,7 +278,7 @@ def test_the_prior_is_required_exactly_where_configured():
 
 def test_formula_prior_channels_of_a_uniform_uniaxial_volume():
     from biref_sdk.files import Volume
-    from biref_sdk.network.preprocess import formula_prior
+    from biref_sdk.reconstruction.prior import formula_prior
 
     config = config_for_geometry(tiny_geometry(), "tiny", prior="formula")
     shape = config.volume_shape

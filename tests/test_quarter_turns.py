@@ -11,7 +11,8 @@ from biref_sdk.geometry import preset
 from biref_sdk.holography import CameraConfig
 from biref_sdk.network.config import config_for_geometry
 from biref_sdk.network.model import q_from_director
-from biref_sdk.network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
+from biref_sdk.network.preprocess import InputPreprocessor
+from biref_sdk.reconstruction.prior import formula_prior, formula_reconstructor
 from biref_sdk.samples import random_sample, volume_sample
 from biref_sdk.simulate import SimulationConfig, Simulator
 from biref_sdk.network.symmetry import QuarterTurns, quarter_turn_sources, turn_image, turn_q
@@ -88,3 +89,16 @@ def test_turned_inputs_truth_and_prior_are_those_of_the_turned_sample(pair):
     prior_error = (augmented["prior"] - priors[1]).pow(2).mean().sqrt() / prior_scale
     print(f"turned prior against the turned sample's: relative RMS {prior_error:.2e}")
     assert prior_error < 0.01
+
+
+def test_several_turns_at_once_equal_single_turns_in_a_row():
+    from biref_sdk.network.symmetry import turn_image, turn_q
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    q = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    stepped_x, stepped_q = x, q
+    for turns in range(6):
+        assert torch.equal(turn_image(x, turns), stepped_x)
+        torch.testing.assert_close(turn_q(q, turns), stepped_q, rtol=0, atol=1e-12)
+        stepped_x, stepped_q = turn_image(stepped_x), turn_q(stepped_q)
+    assert torch.equal(turn_image(turn_image(x, 3), 1), x)

@@ -71,7 +71,7 @@ def biref(*args):
 
 def test_serve_and_microscope_sim_commands_with_a_subscriber(tmp_path, offline):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    serve = subprocess.Popen(biref("serve", "--ingest", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
+    serve = subprocess.Popen(biref("serve", "--method", "formula", "--ingest", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
                                    "--save-dir", str(tmp_path / "volumes"), "--status-interval", "0.1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

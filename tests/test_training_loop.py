@@ -14,6 +14,7 @@ import torch
 from biref_sdk.cli import main as biref
 from biref_sdk.files import DatasetWriter, Volume
 from biref_sdk.network import load_model
+from biref_sdk.reconstruction.prior import with_prior_options
 
 from test_network_model import tiny_frames, tiny_geometry
 
@@ -186,7 +187,7 @@ def test_init_with_the_formula_prior_starts_from_the_initial_models_answers(tiny
     train_fn(train, val, tmp_path / "prior", config, progress=False, log=lambda *a: None,
              init=tmp_path / "plain" / "last.h5")
     widened = load_model(tmp_path / "prior" / "last.h5")
-    assert widened.config == plain.config.replace(prior="formula")
+    assert widened.config == with_prior_options(plain.config.replace(prior="formula"))
     assert widened.metadata["train_config"]["prior"] == "formula"
     item = HologramDataset(val, widened.config)[0]
     assert item["prior"].shape == (7, *widened.config.volume_shape)
@@ -210,7 +211,7 @@ def test_priors_kept_on_disk_are_reused_and_keyed_by_the_options(tiny_data, tmp_
     from biref_sdk.training.data import HologramDataset
 
     train = tiny_data[0]
-    config = config_for_geometry(tiny_geometry(), "tiny", window_length=2, prior="formula")
+    config = with_prior_options(config_for_geometry(tiny_geometry(), "tiny", window_length=2, prior="formula"))
     first = HologramDataset(train, config, prior_cache=tmp_path / "priors")
     prior = first.prior(1)
     assert sorted(p.name for p in first.prior_folder.iterdir()) == ["000001.pt"]

@@ -16,6 +16,7 @@ COMMANDS = (
     "demo",
     "reconstruct", "evaluate",
     "render", "report",
+    "export", "bench",
 )
 
 

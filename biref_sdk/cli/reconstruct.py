@@ -29,15 +29,22 @@ def parse_options(items: list[str] | None, methods: list[str]) -> dict[str, dict
     return options
 
 
-def add_method_arguments(p: argparse.ArgumentParser, multiple: bool) -> None:
+def add_engine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                   help="inference engine of --method model: auto (TensorRT, then torch on CUDA, then the "
+                        "fastest CPU engine), torch, onnxruntime (extra onnx) or tensorrt (extra tensorrt)")
+
+
+def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: str = "formula") -> None:
     if multiple:
         p.add_argument("--method", action="append", dest="methods", metavar="METHOD",
                        help="reconstruction method, repeatable to compare several side by side: formula, model "
                             "(default formula)")
     else:
-        p.add_argument("--method", default="formula", help="reconstruction method: formula or model (default formula)")
+        p.add_argument("--method", default=default, help=f"reconstruction method: formula or model (default {default})")
     p.add_argument("--model", help="model file for --method model (default: the shipped trained_models/biref_small.h5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_engine_argument(p)
     p.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="a method option, e.g. formula.constraint_iterations=10 or "
                         "formula.index_bounds=(1.54,1.57); repeatable (docs/reconstruction.md)")
@@ -55,6 +62,8 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
         kwargs.setdefault("device", args.device)
         if method == "model" and args.model:
             kwargs.setdefault("model", args.model)
+        if method == "model":
+            kwargs.setdefault("engine", args.engine)
         built[method] = get_reconstructor(method, **kwargs)
     return built
 

@@ -11,7 +11,8 @@ from pathlib import Path
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from .reconstruct import add_method_arguments
 
-    add_method_arguments(p, multiple=False)
+    # the network is the product's main job: the shipped model unless --method formula
+    add_method_arguments(p, multiple=False, default="model")
 
 
 def make_reconstructor(args: argparse.Namespace):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .config import NetworkConfig, config_for_geometry, window_layout
 from .io import GeometryMismatchError, LoadedModel, ModelFileError, check_geometry, load_model, save_model
-from .model import BirefNet, director_from_q, q_from_director
+from .model import BirefNet, q_from_director
 from .preprocess import InputPreprocessor, fourier_downsample
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "NetworkConfig",
     "check_geometry",
     "config_for_geometry",
-    "director_from_q",
     "fourier_downsample",
     "load_model",
     "q_from_director",

@@ -82,11 +82,12 @@ class NetworkConfig:
     index_min: float = 1.54
     index_max: float = 1.57
     # "none": the paper's network. "formula": the formula reconstruction of the same views
-    # (biref_sdk.reconstruction.formula, with ``prior_options``) is a second input of the decoder's
+    # (biref_sdk.reconstruction.prior, with ``prior_options``) is a second input of the decoder's
     # last block and of the output layer. It carries what the network alone learns worst: the
     # index values inside a sample, which need the full tensor tomography (MODEL_CARD.md)
     prior: str = "none"
-    # FormulaOptions fields of the prior (all of them, so a model file fixes its prior exactly)
+    # FormulaOptions fields of the prior; training records all of them (reconstruction.prior.
+    # with_prior_options), so a model file fixes its prior exactly
     prior_options: dict | None = None
 
     def __post_init__(self) -> None:
@@ -97,17 +98,12 @@ class NetworkConfig:
         object.__setattr__(self, "decoder_channels", tuple(int(v) for v in self.decoder_channels))
         object.__setattr__(self, "decoder_strides",
                            tuple(tuple(int(s) for s in stride) for stride in self.decoder_strides))
-        if self.prior == "formula":
-            from ..reconstruction.formula import FormulaOptions
-
-            unknown = set(self.prior_options or {}) - set(FormulaOptions.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown prior_options {sorted(unknown)}; known: "
-                                 f"{', '.join(FormulaOptions.__dataclass_fields__)}")
-            options = dataclasses.asdict(FormulaOptions(**(self.prior_options or {})))
-            if options["index_bounds"] is not None:
-                options["index_bounds"] = list(options["index_bounds"])
-            object.__setattr__(self, "prior_options", options)
+        if self.prior_options is not None:
+            # kept as given; reconstruction.prior completes and checks them against FormulaOptions
+            # (the network does not know the formula: it only reads the prior's channels)
+            if not isinstance(self.prior_options, dict):
+                raise ValueError(f"prior_options must be a dict, got {type(self.prior_options).__name__}")
+            object.__setattr__(self, "prior_options", dict(self.prior_options))
         self.validate()
 
     def validate(self) -> None:

@@ -38,9 +38,18 @@ Q_BASIS = torch.tensor([
 PRIOR_GAIN = 10.0
 
 
+class Float32BatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d that computes in its parameters' dtype (kept fp32 in a half-precision network:
+    reduced-precision statistics lose the small differences the features carry) and returns the
+    input's dtype. Same parameters and state-dict names as BatchNorm3d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 def _normalization(channels: int, kind: str) -> nn.Module:
     # "none" keeps a module in the BN's place (and its name in the state dict) that does nothing
-    return nn.BatchNorm3d(channels) if kind == "batch" else nn.Identity()
+    return Float32BatchNorm3d(channels) if kind == "batch" else nn.Identity()
 
 
 def layer_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +130,15 @@ class SequenceAttention(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         # states [B, S, C, D, H, W] -> context [B, C, D, H, W]
+        # computed in the dense layer's dtype (kept fp32 in a half-precision network), returned in
+        # the states' dtype
         b, s, c, d, h, w = states.shape
+        dtype = states.dtype
+        states = states.to(self.dense.weight.dtype)
         scores = torch.tanh(self.dense(states.reshape(b, s, c * d * h * w)))  # [B, S, P or 1]
         weights = torch.softmax(scores, dim=1)
         weights = weights.reshape(b, s, 1, d, h, w) if self.mode == "position" else weights.reshape(b, s, 1, 1, 1, 1)
-        return (weights * states).sum(dim=1)
+        return (weights * states).sum(dim=1).to(dtype)
 
 
 class BirefNet(nn.Module):
@@ -174,7 +187,7 @@ class BirefNet(nn.Module):
             if prior is None or tuple(prior.shape) != expected:
                 raise ValueError(f"this network needs its {self.config.prior!r} prior of shape {expected}, got "
                                  f"{None if prior is None else tuple(prior.shape)}")
-            prior = PRIOR_GAIN * prior
+            prior = (PRIOR_GAIN * prior).to(self.head.weight.dtype)
             if tuple(prior.shape[2:]) != self.config.decoded_shape:
                 prior = F.interpolate(prior, size=self.config.decoded_shape, mode="trilinear", align_corners=False)
         elif prior is not None:
@@ -182,7 +195,7 @@ class BirefNet(nn.Module):
         x = self.attention(states)
         x = self.decoder[2](self.decoder[1](self.decoder[0](x)), prior)
         x = F.relu(self.head_bn(x))
-        out = self.head(x if prior is None else torch.cat([x, prior], dim=1))
+        out = self.head(x if prior is None else torch.cat([x, prior], dim=1)).float()  # the outputs in fp32
         if tuple(out.shape[2:]) != self.config.volume_shape:
             out = F.interpolate(out, size=self.config.volume_shape, mode="trilinear", align_corners=False)
         lo, span = self.config.index_min, self.config.index_max - self.config.index_min
@@ -215,15 +228,3 @@ def q_from_director(director: torch.Tensor) -> torch.Tensor:
     basis = Q_BASIS.to(director.device, director.dtype)
     outer = director.unsqueeze(-4) * director.unsqueeze(-5)  # [..., 3, 3, Z, Y, X]
     return torch.einsum("kij,...ijzyx->...kzyx", basis, outer)
-
-
-def director_from_q(q: torch.Tensor) -> torch.Tensor:
-    """Q components ``[5, Z, Y, X]`` -> director ``[3, Z, Y, X]``: the eigenvector of Q with the
-    largest eigenvalue (unit length, sign fixed so the largest-magnitude component is positive)."""
-    basis = Q_BASIS.to(q.device, torch.float64)
-    matrix = torch.einsum("kij,kzyx->zyxij", basis, q.to(torch.float64))
-    _, vectors = torch.linalg.eigh(matrix)
-    d = vectors[..., :, -1]  # [Z, Y, X, 3]
-    sign = torch.sign(torch.gather(d, -1, d.abs().argmax(dim=-1, keepdim=True)))
-    sign[sign == 0] = 1
-    return (d * sign).permute(3, 0, 1, 2).to(torch.float32)

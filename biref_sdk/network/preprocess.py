@@ -18,7 +18,8 @@ The views of a window (``NetworkConfig.window_views``) are then averaged, the tw
 stacked as channels: one encoder input ``[C_in, 1, H', W']`` per window.
 
 A network with ``NetworkConfig.prior == "formula"`` also takes the formula reconstruction of the
-same acquisition (:func:`formula_prior`) in its decoder.
+same acquisition in its decoder (built by :mod:`biref_sdk.reconstruction.prior`: the network
+package imports nothing from ``reconstruction``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import torch
 
 from ..geometry import Geometry
 from .config import NetworkConfig
-from .model import q_from_director
 
 
 def fourier_downsample(field: torch.Tensor, factor: int) -> torch.Tensor:
@@ -109,26 +109,3 @@ class InputPreprocessor:
         """All frames ``[2, V, H, W]`` -> the window sequence ``[S, C_in, 1, H', W']``."""
         used = self.config.sequence_length * self.config.window_length
         return self.window_mean(self.per_view(holograms, used))
-
-
-def formula_reconstructor(config: NetworkConfig, device="cpu"):
-    """The formula reconstructor that computes ``config``'s prior (``config.prior == "formula"``)."""
-    from ..reconstruction.formula import FormulaReconstructor
-
-    if config.prior != "formula":
-        raise ValueError(f"the network's prior is {config.prior!r}, not 'formula'")
-    return FormulaReconstructor(device=device, **config.prior_options)  # FormulaOptions takes bounds as a list
-
-
-def formula_prior(volume, config: NetworkConfig) -> torch.Tensor:
-    """A formula reconstruction (a :class:`~biref_sdk.files.Volume`) -> the network's prior
-    ``[7, Z, Y, X]``: ``(n_e - index_min) / span``, ``(n_o - index_min) / span`` and the Q-tensor
-    components of the director times ``(n_e - n_o) / span``, which is sign-free and fades to zero
-    where the formula finds no birefringence (there its director means nothing)."""
-    if tuple(volume.shape) != config.volume_shape:
-        raise ValueError(f"the prior volume has shape {tuple(volume.shape)}, the network's is {config.volume_shape}")
-    span = config.index_max - config.index_min
-    ne = torch.as_tensor(volume.ne, dtype=torch.float32)
-    no = torch.as_tensor(volume.no, dtype=torch.float32)
-    q = q_from_director(torch.as_tensor(volume.director, dtype=torch.float32)) * ((ne - no) / span)
-    return torch.cat([((ne - config.index_min) / span)[None], ((no - config.index_min) / span)[None], q])

@@ -50,13 +50,22 @@ def quarter_turn_sources(geometry: Geometry, tolerance: float = 1e-6) -> np.ndar
     return source
 
 
-def turn_image(x: torch.Tensor) -> torch.Tensor:
-    """``[..., N, N]`` turned by +90 degrees about index N/2: new[a, b] = old[(N - b) % N, a]."""
+def turn_image(x: torch.Tensor, turns: int = 1) -> torch.Tensor:
+    """``[..., N, N]`` turned by ``turns`` x +90 degrees about index N/2 (one turn:
+    new[a, b] = old[(N - b) % N, a]), in one gather whatever the number of turns."""
     n = x.shape[-1]
     if x.shape[-2] != n:
         raise ValueError(f"a quarter turn needs a square grid, got {tuple(x.shape[-2:])}")
     index = (n - torch.arange(n, device=x.device)) % n
-    return x.transpose(-2, -1)[..., index]
+    turns = int(turns) % 4
+    # whole rows gathered, then transposed: indexing the last axis of a transposed view is ~10x slower
+    if turns == 1:
+        return x.index_select(-2, index).transpose(-2, -1)
+    if turns == 2:  # new[a, b] = old[(N - a) % N, (N - b) % N]
+        return x.index_select(-2, index).index_select(-1, index)
+    if turns == 3:  # new[a, b] = old[b, (N - a) % N]
+        return x.index_select(-1, index).transpose(-2, -1)
+    return x
 
 
 def _q_turn_matrix() -> torch.Tensor:
@@ -69,9 +78,13 @@ def _q_turn_matrix() -> torch.Tensor:
 _Q_TURN = _q_turn_matrix()
 
 
-def turn_q(q: torch.Tensor) -> torch.Tensor:
-    """Q components ``[..., 5, Z, Y, X]`` of a turned sample: spatially turned, and R Q R^T."""
-    return turn_image(torch.einsum("kl,...lzyx->...kzyx", _Q_TURN.to(q.dtype), q))
+def turn_q(q: torch.Tensor, turns: int = 1) -> torch.Tensor:
+    """Q components ``[..., 5, Z, Y, X]`` of a sample turned ``turns`` times: spatially, and R Q R^T."""
+    turns = int(turns) % 4
+    if turns == 0:
+        return q
+    matrix = torch.linalg.matrix_power(_Q_TURN, turns).to(q.dtype)
+    return turn_image(torch.einsum("kl,...lzyx->...kzyx", matrix, q), turns)
 
 
 def turn_prior(prior: torch.Tensor) -> torch.Tensor:
@@ -97,10 +110,7 @@ def turn_views(views: torch.Tensor, sources: np.ndarray) -> torch.Tensor:
 
 def turn_output(ne: torch.Tensor, no: torch.Tensor, q: torch.Tensor, turns: int):
     """Network outputs ``ne``, ``no`` ``[..., Z, Y, X]``, ``q`` ``[..., 5, Z, Y, X]`` turned by ``turns``."""
-    for _ in range(int(turns) % 4):
-        ne, no = turn_image(ne), turn_image(no)
-        q = turn_q(q)
-    return ne, no, q
+    return turn_image(ne, turns), turn_image(no, turns), turn_q(q, turns)
 
 
 class QuarterTurns:

@@ -10,16 +10,22 @@ session as it arrives; ``finalize`` finishes that session first and passes its v
 decoder. With ``quarter_turns`` the same runs for the acquisition turned by one, two and three
 quarter turns about the optical axis (its windows are other sets of the same views), and the four
 answers, turned back, are averaged.
+
+The network's stages run on an inference engine (:mod:`biref_sdk.engines`: torch, ONNX Runtime
+or TensorRT); the session uses the engine interface alone. ``finalize_timings_s`` records the
+last ``finalize``'s stages (the benchmark's breakdown, docs/performance.md).
 """
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
 
 from ..files import Volume
 from ..geometry import Geometry
+from ._eigen import symmetric_eigen_full
 from .base import ReconstructionSession, Reconstructor
 
 
@@ -32,7 +38,7 @@ class ModelSession(ReconstructionSession):
         model = reconstructor.model
         check_geometry(model.geometry, geometry)
         self._model = model
-        self._device = reconstructor.device
+        self._engine = reconstructor.engine
         config = model.config
         self._config = config
         self._preprocessor = InputPreprocessor(config, geometry, background)
@@ -55,7 +61,7 @@ class ModelSession(ReconstructionSession):
         turns = len(view_maps)
         self._features: list[list[torch.Tensor | None]] = [[None] * config.sequence_length for _ in range(turns)]
         self._states: list[list[torch.Tensor]] = [[] for _ in range(turns)]
-        self._hidden = [model.network.initial_hidden(1, self._device) for _ in range(turns)]
+        self._hidden = [self._engine.initial_hidden() for _ in range(turns)]
         self._prior_session = None
         if config.prior != "none":
             self._prior_session = reconstructor.prior_reconstructor().start(geometry, background)
@@ -85,14 +91,14 @@ class ModelSession(ReconstructionSession):
         x = mean.reshape(-1, *self._config.input_shape)
         for _ in range(turn):
             x = turn_inputs(x)
-        return self._model.network.encode(x[None, :, None].to(self._device))
+        return self._engine.encode(x[None, :, None].to(self._engine.device))
 
     @torch.no_grad()
     def _advance(self, turn: int) -> None:
         states, features = self._states[turn], self._features[turn]
         while len(states) < self._config.sequence_length and features[len(states)] is not None:
             step = len(states)
-            self._hidden[turn] = self._model.network.gru_step(self._hidden[turn], features[step])
+            self._hidden[turn] = self._engine.gru_step(self._hidden[turn], features[step])
             features[step] = None
             states.append(self._hidden[turn])
 
@@ -102,13 +108,13 @@ class ModelSession(ReconstructionSession):
 
     @torch.no_grad()
     def finalize(self, allow_missing: bool = False) -> Volume:
-        from ..network.model import director_from_q
         from ..network.symmetry import turn_output
 
         missing = self.missing_views()
         if missing and not allow_missing:
             raise ValueError(f"{missing} views are missing; pass allow_missing=True to reconstruct without them")
         # finalize leaves the session as it was (a preview may be followed by more views)
+        clock = _StageClock()
         turns = len(self._states)
         sequences = []
         for turn in range(turns):
@@ -117,31 +123,68 @@ class ModelSession(ReconstructionSession):
                 features = self._features[turn][step]
                 if features is None:  # with views missing: the mean of those present
                     features = self._window_features(turn, step, self.received)
-                hidden = self._model.network.gru_step(hidden, features)
+                hidden = self._engine.gru_step(hidden, features)
                 states.append(hidden)
             sequences.append(torch.stack(states, dim=1))
+        clock.lap("gru_steps")
         prior = None
         if self._prior_session is not None:
-            from ..network.preprocess import formula_prior
+            from .prior import formula_prior
             from ..network.symmetry import turn_prior
 
             prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
             priors = [prior]
             for _ in range(1, turns):
                 priors.append(turn_prior(priors[-1]))
-            prior = torch.stack(priors).to(self._device)
-        ne, no, q = self._model.network.finalize(torch.cat(sequences), prior)  # a batch of the turns
+            prior = torch.stack(priors).to(self._engine.device)
+            clock.lap("formula_prior")
+        ne, no, q = self._engine.finalize(torch.cat(sequences), prior)  # a batch of the turns
+        clock.lap("decoder")
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
         answers = [turn_output(ne[t], no[t], q[t], -t) for t in range(turns)]
         ne, no, q = (torch.stack(a).mean(dim=0) for a in zip(*answers))
+        clock.lap("turns_back")
         director = director_from_q(q.cpu())
+        clock.lap("director")
+        self.finalize_timings_s = clock.laps  # the last finalize's stages (the benchmark's breakdown)
         parameters = {"method": "model", "model_sha256": self._model.sha256,
                       "model_file": os.path.basename(self._model.path or ""), "missing_views": missing,
                       "window_length": self._config.window_length, "sequence_length": self._config.sequence_length,
-                      "prior": self._config.prior, "quarter_turns": turns > 1}
+                      "prior": self._config.prior, "quarter_turns": turns > 1, "engine": self._engine.describe()}
         return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
                       parameters=parameters)
+
+
+class _StageClock:
+    """Wall time of consecutive stages (seconds), for the latency breakdown."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+
+
+def director_from_q(q: torch.Tensor) -> torch.Tensor:
+    """Q components ``[5, Z, Y, X]`` -> director ``[3, Z, Y, X]``: the unit eigenvector of Q with the
+    largest eigenvalue (closed form, ``_eigen``; z^ where Q is isotropic), its sign fixed so the
+    largest-magnitude component is positive."""
+    from ..network.model import Q_BASIS
+
+    basis = Q_BASIS.to(q.device, torch.float64)
+    q = q.to(torch.float64)
+    t6 = torch.stack([torch.einsum("k,kzyx->zyx", basis[:, i, j], q)
+                      for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))])
+    _, vectors = symmetric_eigen_full(t6)
+    d = vectors[2]  # [3, Z, Y, X], of the largest eigenvalue
+    largest = torch.where(d[0].abs() >= d[1].abs(), d[0], d[1])
+    largest = torch.where(d[2].abs() > largest.abs(), d[2], largest)
+    sign = torch.where(largest < 0, -1.0, 1.0).to(d.dtype)
+    return (d * sign).to(torch.float32)
 
 
 class ModelReconstructor(Reconstructor):
@@ -159,20 +202,22 @@ class ModelReconstructor(Reconstructor):
 
     name = "model"
 
-    def __init__(self, model=None, device: str = "cpu", threads: int | None = None,
-                 quarter_turns: bool | None = None) -> None:
-        """``model``: a model file, a loaded model, or None for the shipped ``small`` model."""
+    def __init__(self, model=None, device: str | None = None, threads: int | None = None,
+                 quarter_turns: bool | None = None, engine: str = "auto", precision: str = "fp32") -> None:
+        """``model``: a model file, a loaded model, or None for the shipped ``small`` model.
+        ``engine``: ``auto``, ``torch``, ``onnxruntime`` or ``tensorrt`` (:mod:`biref_sdk.engines`);
+        ``device``: ``cpu``, ``cuda`` or None (the engine's choice); ``precision``: ``fp32``, or
+        ``fp16``/``bf16`` where the engine runs them (GPU)."""
+        from ..engines import create_engine
         from ..network.io import LoadedModel, load_model, shipped_model_path
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda requested but CUDA is not available")
         if model is None:
             model = shipped_model_path()
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
-        self.model.network.to(self.device).eval()
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.engine = create_engine(engine, self.model, device=device, threads=threads, precision=precision)
+        self.device = self.engine.device
         self._prior_reconstructor = None
         self.turn_sources = self._turn_sources(quarter_turns)  # None: no quarter turns
         self.quarter_turns = self.turn_sources is not None
@@ -198,7 +243,7 @@ class ModelReconstructor(Reconstructor):
 
     def prior_reconstructor(self):
         """The formula reconstructor of the model's prior, built once (it caches per-geometry tables)."""
-        from ..network.preprocess import formula_reconstructor
+        from .prior import formula_reconstructor
 
         if self._prior_reconstructor is None:
             self._prior_reconstructor = formula_reconstructor(self.model.config, device=self.device)

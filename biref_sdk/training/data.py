@@ -12,7 +12,8 @@ import torch
 from ..files import Dataset
 from ..network.config import NetworkConfig
 from ..network.model import q_from_director
-from ..network.preprocess import InputPreprocessor, formula_prior, formula_reconstructor
+from ..network.preprocess import InputPreprocessor
+from ..reconstruction.prior import formula_prior, formula_reconstructor
 from ..network.symmetry import QuarterTurns
 
 # voxels whose n_e - n_o is below this are isotropic: their director carries no information

@@ -31,6 +31,7 @@ from torch import nn
 from ..network.config import NetworkConfig, config_for_geometry
 from ..network.io import check_geometry, save_model
 from ..network.model import BirefNet
+from ..reconstruction.prior import with_prior_options
 from ..files import Dataset
 from .data import HologramDataset
 
@@ -356,6 +357,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
                                          input_mode=config.input_mode, normalization=config.normalization,
                                          prior=config.prior or "none")
         config = dataclasses.replace(config, prior=net_config.prior)
+    if net_config.prior == "formula":  # the model file records every option of its prior
+        net_config = with_prior_options(net_config)
     train_parts = [HologramDataset(path, net_config, cache=config.cache, limit=config.limit,
                                    prior_cache=config.prior_cache, augment=config.augment == "quarter-turns")
                    for path in data_files]
