@@ -292,3 +292,18 @@ def test_an_unread_log_pipe_never_stalls_the_service(make_socket, context):
     finally:
         serve.kill()
         serve.wait(DEADLINE_S)
+
+
+def test_a_camera_buffer_reused_right_after_send_does_not_change_what_was_sent(make_socket, context):
+    """Above pyzmq's copy threshold a zero-copy send reads the buffer later, from ZeroMQ's I/O thread:
+    here the message waits in the producer's queue (no peer yet) while the camera reuses its buffer."""
+    address = "inproc://camera-buffer-reuse"   # connect before bind: the message waits in the producer
+    with Producer(address, timeout_s=DEADLINE_S, context=context) as producer:
+        frame = np.full((512, 512), 7, np.uint16)   # 512 KiB, far above the copy threshold
+        producer.view("a", 0, 0, frame)
+        frame[...] = 9                              # the camera writes its next image into the same buffer
+        pull = make_socket(zmq.PULL)
+        pull.bind(address)
+        assert pull.poll(DEADLINE_S * 1000)
+        frames = pull.recv_multipart()
+    assert np.all(np.frombuffer(frames[1], "<u2") == 7)
