@@ -307,3 +307,22 @@ def test_a_camera_buffer_reused_right_after_send_does_not_change_what_was_sent(m
         assert pull.poll(DEADLINE_S * 1000)
         frames = pull.recv_multipart()
     assert np.all(np.frombuffer(frames[1], "<u2") == 7)
+
+
+def test_a_stop_after_one_view_is_incomplete_not_an_engine_error(make_service):
+    pytest.importorskip("torch")
+    from biref_sdk.reconstruction import get_reconstructor
+
+    service, collector = make_service(get_reconstructor("formula"))
+    geometry = tiny_geometry(n_views=7, side=64)
+    acquisition = random_acquisition(geometry)
+    handle = service.open("one-view", geometry, background=acquisition.background)
+    handle.add_view(0, 0, acquisition.holograms[0, 0])
+    handle.stop()
+    try:
+        result = handle.result(DEADLINE_S)
+    except Exception as error:   # the engine cannot reconstruct from one view: the sender's incomplete acquisition
+        assert getattr(error, "error").reason == "incomplete", error
+    else:   # or it can, and says so
+        assert not result.complete and result.incomplete_reason == "stop"
+    assert "engine_error" not in service.status()["errors"]

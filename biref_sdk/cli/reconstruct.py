@@ -52,6 +52,11 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
     built = {}
     for method in methods:
         kwargs = dict(options[method])
+        threads = kwargs.pop("threads", None)
+        if threads:   # process-wide: the program sets it, the library never does
+            import torch
+
+            torch.set_num_threads(int(threads))
         kwargs.setdefault("device", args.device)
         if method == "model" and args.model:
             kwargs.setdefault("model", args.model)

@@ -165,7 +165,9 @@ class ModelReconstructor(Reconstructor):
         from ..network.io import LoadedModel, load_model, shipped_model_path
 
         if threads:
-            torch.set_num_threads(int(threads))
+            # torch's thread count is process-wide: the program sets it (biref: --option model.threads=N)
+            raise ValueError("ModelReconstructor does not change torch's process-wide thread count; "
+                             "call torch.set_num_threads in your program")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda requested but CUDA is not available")
