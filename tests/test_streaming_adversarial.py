@@ -3,7 +3,6 @@ must end in a counted rejection, within the stated memory budget, without stalli
 acquisitions of honest microscopes. Loopback only; every wait has a deadline; sizes are small."""
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from biref_sdk.streaming.protocol import Limits
 from biref_sdk.streaming.security import CurveServer, generate_keys
 from biref_sdk.streaming.server import StreamingServer, safe_filename
 from biref_sdk.streaming.service import ServiceConfig, acquisition_footprint
-from test_streaming_support import (DEADLINE_S, ViewMeanReconstructor, ViewMeanSession, random_acquisition,
+from test_streaming_support import (DEADLINE_S, ViewMeanReconstructor, random_acquisition,
                                     tiny_geometry, wait_until)
 
 ANY_PORT = "tcp://127.0.0.1:0"
