@@ -194,9 +194,8 @@ def _parameters(handle) -> dict:
         parameters = json.loads(raw)
     except ValueError as error:
         raise FileFormatError(f"{handle.file.filename}: attribute 'parameters' is not JSON ({error})") from None
-    if not isinstance(parameters, dict):
-        raise FileFormatError(f"{handle.file.filename}: attribute 'parameters' must be a JSON object")
-    return parameters
+    # readers accept any JSON content (docs/formats.md); a non-object is kept under one key
+    return parameters if isinstance(parameters, dict) else {"parameters": parameters}
 
 
 def checked_dataset(group, name: str, max_bytes: int | None = None) -> h5py.Dataset:
