@@ -23,6 +23,10 @@ from .geometry import Geometry
 FORMAT_VERSION = 1
 KINDS = ("volume", "acquisition", "dataset")
 
+# The most bytes one array may announce before it is read: a few-KB file can declare chunked or
+# virtual datasets of any logical size, so sizes are checked against this before any allocation.
+MAX_ARRAY_BYTES = 4 * 1024**3
+
 
 class FileFormatError(ValueError):
     """A file is not a biref_sdk file of the expected kind, or breaks docs/formats.md."""
@@ -110,6 +114,17 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
         raise
 
 
+def remove_stale_parts(folder) -> list[Path]:
+    """Delete the temporary ``.NAME.*.part`` files that :func:`atomic_h5` leaves behind when its
+    process is killed mid-write; call it when a program that owns ``folder`` starts."""
+    removed = []
+    for part in Path(folder).glob(".*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+            removed.append(part)
+    return removed
+
+
 def _write_volume_datasets(group: h5py.Group, volume: Volume, compression: str | None = "gzip") -> None:
     for name in ("ne", "no", "director"):
         group.create_dataset(name, data=getattr(volume, name), compression=compression)
@@ -171,11 +186,57 @@ def _open(path, expected: str) -> h5py.File:
 
 def _parameters(handle) -> dict:
     raw = handle.attrs.get("parameters", "{}")
-    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    raw = raw.decode() if isinstance(raw, bytes) else raw
+    if not isinstance(raw, str):
+        raise FileFormatError(f"{handle.file.filename}: attribute 'parameters' must be a JSON string, "
+                              f"got {type(raw).__name__}")
+    try:
+        parameters = json.loads(raw)
+    except ValueError as error:
+        raise FileFormatError(f"{handle.file.filename}: attribute 'parameters' is not JSON ({error})") from None
+    # readers accept any JSON content (docs/formats.md); a non-object is kept under one key
+    return parameters if isinstance(parameters, dict) else {"parameters": parameters}
+
+
+def checked_dataset(group, name: str, max_bytes: int | None = None) -> h5py.Dataset:
+    """``group[name]`` as a real numeric array whose whole content can be read within ``max_bytes``
+    (default MAX_ARRAY_BYTES): refuses groups, virtual datasets, complex or non-numeric types and
+    chunked datasets with unwritten chunks (a small file that would read as gigabytes of fill)."""
+    where = f"{group.file.filename}: {name!r}"
+    if name not in group:
+        raise FileFormatError(f"{where} is missing")
+    dataset = group[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise FileFormatError(f"{where} must be a dataset, got a {type(dataset).__name__.lower()}")
+    if dataset.is_virtual:
+        raise FileFormatError(f"{where} is a virtual dataset; store the data in the file itself")
+    if dataset.dtype.kind not in "uif":
+        raise FileFormatError(f"{where} has type {dataset.dtype}; expected real integers or floats"
+                              + (" (complex holograms are not recorded by a camera)" if dataset.dtype.kind == "c" else ""))
+    nbytes = int(np.prod(dataset.shape, dtype=np.int64)) * dataset.dtype.itemsize
+    limit = MAX_ARRAY_BYTES if max_bytes is None else max_bytes
+    if nbytes > limit:
+        raise FileFormatError(f"{where} is {nbytes} bytes, more than the limit of {limit}")
+    if dataset.chunks is not None and nbytes:
+        expected = int(np.prod([-(-n // c) for n, c in zip(dataset.shape, dataset.chunks)], dtype=np.int64))
+        if dataset.id.get_num_chunks() < expected:
+            raise FileFormatError(f"{where} has unwritten chunks ({dataset.id.get_num_chunks()} of {expected}); "
+                                  "the file is incomplete")
+    elif nbytes and dataset.id.get_storage_size() == 0 and dataset.compression is None:
+        raise FileFormatError(f"{where} was never written; the file is incomplete")
+    return dataset
+
+
+def read_array(group, name: str, finite: bool = False) -> np.ndarray:
+    """Read a :func:`checked_dataset`; ``finite``: refuse NaN or infinite values."""
+    array = checked_dataset(group, name)[()]
+    if finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise FileFormatError(f"{group.file.filename}: {name!r} holds NaN or infinite values")
+    return array
 
 
 def _read_volume_group(group, voxel_size_m, medium_index, parameters=None) -> Volume:
-    return Volume(ne=group["ne"][()], no=group["no"][()], director=group["director"][()],
+    return Volume(ne=read_array(group, "ne"), no=read_array(group, "no"), director=read_array(group, "director"),
                   voxel_size_m=voxel_size_m, medium_index=medium_index, parameters=parameters or {})
 
 
@@ -186,12 +247,15 @@ def read_volume(path) -> Volume:
 
 def read_acquisition(path) -> Acquisition:
     with _open(path, "acquisition") as handle:
-        holograms = handle["holograms"][()]
+        holograms = read_array(handle, "holograms", finite=True)
+        if holograms.ndim != 4:
+            raise FileFormatError(f"{path}: holograms must be [2, V, H, W], got shape {holograms.shape}")
         geometry = Geometry.from_attributes(handle.attrs, holograms.shape[2:])
         truth = None
         if "truth" in handle:
             truth = _read_volume_group(handle["truth"], geometry.voxel_size_m, geometry.medium_index)
-        return Acquisition(holograms=holograms, background=handle["background"][()], geometry=geometry,
+        return Acquisition(holograms=holograms, background=read_array(handle, "background", finite=True),
+                           geometry=geometry,
                            truth=truth, parameters=_parameters(handle))
 
 
@@ -252,9 +316,9 @@ class Dataset:
     def __init__(self, path) -> None:
         self.path = str(path)
         with _open(self.path, "dataset") as handle:
-            self.n_samples = int(handle["holograms"].shape[0])
+            self.n_samples = int(checked_dataset(handle, "holograms", max_bytes=np.iinfo(np.int64).max).shape[0])
             self.geometry = Geometry.from_attributes(handle.attrs, handle["holograms"].shape[3:])
-            self.background = handle["background"][()]
+            self.background = read_array(handle, "background", finite=True)
             self.parameters = _parameters(handle)
         self._handle: h5py.File | None = None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from biref_sdk.files import read_volume, write_acquisition
-from biref_sdk.streaming.server import StreamingServer
+from biref_sdk.streaming.server import StreamingServer, safe_filename
 from biref_sdk.streaming.service import ServiceConfig
 from test_streaming_support import (DEADLINE_S, Lines, ViewMeanReconstructor, expected_view_means, random_acquisition,
                                     streamed_means, tiny_geometry)
@@ -39,6 +39,6 @@ def test_producer_and_subscriber_examples(tmp_path):
             if subscriber.poll() is None:
                 subscriber.kill()
                 subscriber.wait(DEADLINE_S)
-    volume = read_volume(tmp_path / "out" / "example_1.h5")
+    volume = read_volume(tmp_path / "out" / f"{safe_filename('example/1')}.h5")
     np.testing.assert_allclose(streamed_means(volume, geometry), expected_view_means(acquisition), rtol=1e-6)
-    assert (tmp_path / "out" / "example_1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / f"{safe_filename('example/1')}.png").read_bytes()[:4] == b"\x89PNG"

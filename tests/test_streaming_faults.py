@@ -16,9 +16,8 @@ import zmq
 from biref_sdk.streaming import protocol
 from biref_sdk.streaming.client import Producer, ResultError, Subscriber
 from biref_sdk.streaming.protocol import Limits
-from biref_sdk.streaming.server import StreamingServer
 from biref_sdk.streaming.service import ServiceConfig
-from test_streaming_support import (DEADLINE_S, Collector, ViewMeanReconstructor, expected_view_means,
+from test_streaming_support import (DEADLINE_S, ViewMeanReconstructor, expected_view_means,
                                     random_acquisition, streamed_means, tiny_geometry, wait_until)
 
 GEOMETRY = tiny_geometry()
@@ -26,27 +25,7 @@ FAST = ServiceConfig(status_interval_s=0.05, acquisition_timeout_s=DEADLINE_S)
 ANY_PORT = "tcp://127.0.0.1:0"
 
 
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@pytest.fixture
-def make_server(context):
-    servers = []
-
-    def make(engine=None, config=FAST, **options):
-        collector = Collector()
-        server = StreamingServer(engine or ViewMeanReconstructor(), ANY_PORT, ANY_PORT, config,
-                                 on_volume=collector.on_volume, on_error=collector.on_error, **options)
-        servers.append(server)
-        return server, collector
-
-    yield make
-    for server in servers:
-        server.close(timeout_s=DEADLINE_S)
+# context, make_server, make_service: tests/conftest.py
 
 
 def connect(server, context, **options):

@@ -17,20 +17,7 @@ GEOMETRY = tiny_geometry()
 FAST = ServiceConfig(status_interval_s=0.05, acquisition_timeout_s=DEADLINE_S)
 
 
-@pytest.fixture
-def make_service():
-    services = []
-
-    def make(engine=None, config=FAST):
-        collector = Collector()
-        service = AcquisitionService(engine or ViewMeanReconstructor(), config, **collector.callbacks())
-        services.append(service)
-        return service, collector
-
-    yield make
-    for service in services:
-        service.close(timeout_s=DEADLINE_S)
-        assert not service.alive
+# context, make_server, make_service: tests/conftest.py
 
 
 def stream(handle, acquisition, order=None):

@@ -23,7 +23,7 @@ def summarize(path) -> dict:
     import h5py
     import numpy as np
 
-    from ..files import file_kind
+    from ..files import _parameters, checked_dataset, file_kind
     from ..geometry import GEOMETRY_ATTRIBUTES
 
     kind = file_kind(path)
@@ -32,11 +32,12 @@ def summarize(path) -> dict:
         for key in ("format_version", "sdk_version"):
             value = h.attrs.get(key)
             summary[key] = value.item() if hasattr(value, "item") else value
-        summary["parameters"] = json.loads(h.attrs.get("parameters", "{}"))
+        summary["parameters"] = _parameters(h)
         if kind in ("acquisition", "dataset"):
             summary["geometry"] = {k: np.asarray(h.attrs[k]).tolist() for k in GEOMETRY_ATTRIBUTES if k in h.attrs}
-            summary["holograms"] = {"shape": list(h["holograms"].shape), "dtype": str(h["holograms"].dtype)}
-            summary["background"] = _stats(h["background"])
+            holograms = checked_dataset(h, "holograms", max_bytes=np.iinfo(np.int64).max)
+            summary["holograms"] = {"shape": list(holograms.shape), "dtype": str(holograms.dtype)}
+            summary["background"] = _stats(checked_dataset(h, "background"))
         if kind == "dataset":
             n = h["holograms"].shape[0]
             summary["n_samples"] = n
@@ -46,9 +47,10 @@ def summarize(path) -> dict:
         volume = h if kind == "volume" else h.get("truth")
         if volume is not None:
             prefix = "" if kind == "volume" else "truth "
-            summary[prefix + "ne"] = _stats(volume["ne"])
-            summary[prefix + "no"] = _stats(volume["no"])
-            birefringent = np.asarray(volume["ne"]) - np.asarray(volume["no"]) > 1e-4
+            ne, no = checked_dataset(volume, "ne"), checked_dataset(volume, "no")
+            summary[prefix + "ne"] = _stats(ne)
+            summary[prefix + "no"] = _stats(no)
+            birefringent = np.asarray(ne) - np.asarray(no) > 1e-4
             summary[prefix + "birefringent voxels"] = int(birefringent.sum())
         if kind == "volume":
             summary["voxel_size_m"] = np.asarray(h.attrs["voxel_size_m"]).tolist()

@@ -59,6 +59,13 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
     built = {}
     for method in methods:
         kwargs = dict(options[method])
+        threads = kwargs.pop("threads", None)
+        if threads:   # process-wide: the program sets it, the library never does
+            import torch
+
+            torch.set_num_threads(int(threads))
+            if method == "model":
+                kwargs["threads"] = threads   # an ONNX Runtime engine's own threads too
         kwargs.setdefault("device", args.device)
         if method == "model" and args.model:
             kwargs.setdefault("model", args.model)

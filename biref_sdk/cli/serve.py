@@ -56,6 +56,9 @@ def register(subparsers) -> None:
                    help="on timeout publish a volume from the views present, flagged incomplete, instead of an error")
     p.add_argument("--max-in-flight", type=int, default=8, help="acquisitions reconstructed at once (default 8)")
     p.add_argument("--queue-mb", type=float, default=256, help="memory for received, unprocessed frames (default 256)")
+    p.add_argument("--memory-mb", type=float, default=2048,
+                   help="memory budget of the service, queue included (default 2048): an acquisition starts only if "
+                        "its footprint fits in what the others leave (docs/protocol.md, Admission)")
     p.add_argument("--status-interval", type=float, default=1.0, help="seconds between status heartbeats")
     p.add_argument("--preview-every", type=int, default=0, help="publish a preview volume every N views (0: off)")
     add_curve_server_arguments(p)
@@ -64,6 +67,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import _logging
     from ..streaming.protocol import Limits
     from ..streaming.server import StreamingServer
     from ..streaming.service import ServiceConfig
@@ -74,22 +80,28 @@ def run(args: argparse.Namespace) -> int:
         limits = Limits(max_frame_bytes=queue_bytes)
     config = ServiceConfig(acquisition_timeout_s=args.timeout, partial_on_timeout=args.partial_on_timeout,
                            max_in_flight=args.max_in_flight, queue_bytes=queue_bytes,
-                           status_interval_s=args.status_interval, preview_every=args.preview_every, limits=limits)
+                           status_interval_s=args.status_interval, preview_every=args.preview_every, limits=limits,
+                           memory_bytes=int(args.memory_mb * 1024 * 1024))
+    curve = curve_server(args)
     reconstructor = make_reconstructor(args)
+    # per-volume and per-error lines go through non-blocking handlers: an unread pipe drops lines,
+    # it never stalls the worker thread that calls on_volume/on_error
+    handlers = _logging.configure(sys.stderr, sys.stdout)
+    output = logging.getLogger("biref.serve")
 
     def on_volume(result):
         if not args.quiet:
             flag = "" if result.complete else f" INCOMPLETE ({result.incomplete_reason})"
-            print(f"volume {result.acquisition_id}: {'x'.join(map(str, result.volume.shape))}, "
-                  f"{result.views_used}/{result.views_expected} views, {result.latency_s * 1e3:.1f} ms after the "
-                  f"last view{flag}", flush=True)
+            output.info(f"volume {result.acquisition_id}: {'x'.join(map(str, result.volume.shape))}, "
+                        f"{result.views_used}/{result.views_expected} views, {result.latency_s * 1e3:.1f} ms after the "
+                        f"last view{flag}")
 
     def on_error(error):
         if not args.quiet:
-            print(f"error {error.reason} ({error.acquisition_id}): {error.detail.splitlines()[0]}", flush=True)
+            output.info(f"error {error.reason} ({error.acquisition_id}): {error.detail.splitlines()[0]}")
 
     server = StreamingServer(reconstructor, args.ingest, args.results, config, save_dir=args.save_dir,
-                             curve=curve_server(args), on_volume=on_volume, on_error=on_error)
+                             curve=curve, on_volume=on_volume, on_error=on_error)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -98,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"results {server.results_address}", flush=True)
     print(f"engine {server.service.engine}; Ctrl-C to stop", file=sys.stderr, flush=True)
     server.serve_forever(stop)
+    for handler in handlers:
+        handler.flush_and_stop()
     status = server.status()
     print(f"stopped: {status['volumes']} volumes, {status['rejected_messages']} rejected messages, "
           f"errors {status['errors']}", file=sys.stderr, flush=True)

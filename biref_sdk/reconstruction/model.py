@@ -211,8 +211,8 @@ class ModelReconstructor(Reconstructor):
         from ..engines import create_engine
         from ..network.io import LoadedModel, load_model, shipped_model_path
 
-        if threads:
-            torch.set_num_threads(int(threads))
+        # threads reach the engine alone (ONNX Runtime sessions); torch's thread count is
+        # process-wide and the program's to set (biref: --option model.threads=N)
         if model is None:
             model = shipped_model_path()
         self.model = model if isinstance(model, LoadedModel) else load_model(model)

@@ -35,8 +35,10 @@ class Producer:
         self.timeout_s = timeout_s
 
     def send(self, frames) -> None:
+        """Send one message. Frames are copied before this returns, so a camera may reuse its buffer
+        at once (zero-copy sends would read the buffer later, from ZeroMQ's I/O thread)."""
         try:
-            self.socket.send_multipart(frames, copy=False)
+            self.socket.send_multipart(frames, copy=True)
         except zmq.Again:
             raise TimeoutError(f"the service at {self.address} took no message within the send timeout") from None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import time
 from dataclasses import dataclass, field
 
@@ -167,6 +168,19 @@ def _unpack(data, limits: Limits, what: str):
         raise ProtocolError("malformed", f"{what} is not valid msgpack ({type(error).__name__})") from None
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 2, 40, 40, 4, 4
+
+
+def _show(value) -> str:
+    """A short description of an untrusted value for an error message: bounded in length and in
+    nesting depth (msgpack nests containers up to its length limits; ``repr`` would recurse)."""
+    try:
+        return _SHOW.repr(value)[:60]
+    except Exception:  # e.g. RecursionError; never let an error message raise
+        return f"<{type(value).__name__}>"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -194,16 +208,16 @@ class _Fields:
     def int_in(self, name: str, low: int, high: int, value=None) -> int:
         value = self.get(name) if value is None else value
         if not _is_int(value) or not low <= value <= high:
-            self.fail(f"{name} must be an integer in [{low}, {high}], got {value!r:.60}")
+            self.fail(f"{name} must be an integer in [{low}, {high}], got {_show(value)}")
         return value
 
     def shape(self, name: str, ndim: int, max_side: int) -> tuple[int, ...]:
         value = self.get(name)
         if not isinstance(value, list) or len(value) != ndim:
-            self.fail(f"{name} must be a list of {ndim} integers, got {value!r:.60}")
+            self.fail(f"{name} must be a list of {ndim} integers, got {_show(value)}")
         for v in value:
             if not _is_int(v) or v < 1:
-                self.fail(f"{name} must hold positive integers, got {value!r:.60}")
+                self.fail(f"{name} must hold positive integers, got {_show(value)}")
             if v > max_side:
                 self.fail(f"{name} {value} exceeds the limit {max_side}", "too_large")
         return tuple(value)
@@ -211,14 +225,14 @@ class _Fields:
     def dtype(self, name: str = "dtype") -> np.dtype:
         value = self.get(name)
         if not isinstance(value, str) or value not in WIRE_DTYPES:
-            self.fail(f"{name} must be one of {', '.join(WIRE_DTYPES)}, got {value!r:.60}")
+            self.fail(f"{name} must be one of {', '.join(WIRE_DTYPES)}, got {_show(value)}")
         return WIRE_DTYPES[value]
 
 
 def _acquisition_id(header: dict, message_type: str, limits: Limits) -> str:
     value = header.get("acquisition_id")
     if not isinstance(value, str) or not value:
-        raise ProtocolError("invalid_field", f"acquisition_id must be a non-empty string, got {value!r:.60}",
+        raise ProtocolError("invalid_field", f"acquisition_id must be a non-empty string, got {_show(value)}",
                             None, message_type)
     if len(value) > limits.max_id_length or not value.isprintable():
         raise ProtocolError("invalid_field", f"acquisition_id must be at most {limits.max_id_length} printable "
@@ -248,7 +262,7 @@ def _geometry(f: _Fields, shape: tuple[int, int], limits: Limits) -> Geometry:
 
     for name in ("wavelength_m", "medium_index", "na_objective", "pixel_size_m"):
         if not _is_real(g[name]):
-            f.fail(f"geometry.{name} must be a finite number, got {g[name]!r:.60}")
+            f.fail(f"geometry.{name} must be a finite number, got {_show(g[name])}")
     sines = g["illumination_sines"]
     if isinstance(sines, list) and len(sines) > limits.max_views:
         f.fail(f"{len(sines)} illuminations exceed the limit {limits.max_views}", "too_large")
@@ -275,11 +289,11 @@ def parse_header(data, limits: Limits = DEFAULT_LIMITS) -> Header:
     protocol = header.get("protocol")
     message_type = header.get("type") if isinstance(header.get("type"), str) else None
     if protocol != PROTOCOL:
-        raise ProtocolError("unsupported_protocol", f"protocol must be {PROTOCOL!r}, got {protocol!r:.60}",
+        raise ProtocolError("unsupported_protocol", f"protocol must be {PROTOCOL!r}, got {_show(protocol)}",
                             None, message_type)
     if message_type not in INGEST_TYPES:
         raise ProtocolError("unknown_type", f"type must be one of {', '.join(INGEST_TYPES)}, "
-                            f"got {header.get('type')!r:.60}")
+                            f"got {_show(header.get('type'))}")
     acquisition_id = _acquisition_id(header, message_type, limits)
     f = _Fields(header, message_type, acquisition_id)
     if message_type == "stop":
@@ -287,6 +301,9 @@ def parse_header(data, limits: Limits = DEFAULT_LIMITS) -> Header:
     shape = f.shape("shape", 2, limits.max_hologram_side)
     dtype = f.dtype()
     if message_type == "start":
+        n_views = f.get("n_views")
+        if _is_int(n_views) and n_views > limits.max_views:
+            f.fail(f"n_views {n_views} exceeds the limit {limits.max_views}", "too_large")
         n_views = f.int_in("n_views", 1, limits.max_views)
         geometry = _geometry(f, shape, limits)
         if geometry.n_views != n_views:
@@ -473,7 +490,7 @@ def decode_result(frames, limits: Limits = DEFAULT_LIMITS) -> Result:
     if header.get("protocol") != PROTOCOL:
         raise ProtocolError("unsupported_protocol", f"protocol must be {PROTOCOL!r}")
     if header.get("type") != topic:
-        raise ProtocolError("invalid_field", f"header type {header.get('type')!r:.40} != topic {topic!r}")
+        raise ProtocolError("invalid_field", f"header type {_show(header.get('type'))} != topic {topic!r}")
     if topic not in ("volume", "preview"):
         if len(frames) != 2:
             raise ProtocolError("frame_count", f"{topic} takes no payload frames")

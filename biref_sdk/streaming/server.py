@@ -10,22 +10,25 @@ then fill and the microscope's ``send`` blocks: back-pressure end to end, no dro
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import re
-import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..files import write_volume
+from ..files import remove_stale_parts, write_volume
 from . import DEFAULT_INGEST, DEFAULT_RESULTS, protocol
 from .protocol import ProtocolError
 from .security import CurveServer, configure_server, start_authenticator
 from .service import AcquisitionService, ServiceClosed, ServiceConfig, StreamError, StreamResult
 
+
+log = logging.getLogger(__name__)
 
 _MONITORED = {
     zmq.EVENT_ACCEPTED: "connections",
@@ -42,9 +45,16 @@ def _endpoint(address: str) -> str:
 
 
 def safe_filename(acquisition_id: str) -> str:
-    """A file name for an acquisition id (ids are free text on the wire)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", acquisition_id).lstrip(".")
-    return (name or "acquisition")[:128]
+    """The file name (without ``.h5``) of an acquisition id: percent-encoding of every character
+    outside ``A-Za-z0-9_-`` and of a leading dot, so that distinct ids never share a file
+    (``run/1``, ``run_1``, ``run:1``) and ``urllib.parse.unquote`` gives the id back. Raises
+    ValueError when the name would exceed 240 bytes (an id of many non-ASCII characters)."""
+    name = urllib.parse.quote(acquisition_id, safe="-_.")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > 240:
+        raise ValueError(f"acquisition id {acquisition_id[:40]!r}... needs a file name longer than 240 bytes")
+    return name
 
 
 class StreamingServer:
@@ -81,15 +91,15 @@ class StreamingServer:
             self._pull.rcvhwm = ingest_hwm
             # libzmq drops a peer that sends a larger frame, before any of it reaches us
             self._pull.maxmsgsize = max(self.limits.max_frame_bytes, self.limits.max_header_bytes)
-            self._pull.bind(_endpoint(ingest))
-            self.ingest_address = self._pull.last_endpoint.decode()
+            self.ingest_address = self._bind(self._pull, ingest)
             self._monitor = self._pull.get_monitor_socket(sum(_MONITORED))
             self._pub = self._socket(zmq.PUB, curve)
             self._pub.sndhwm = results_hwm
-            self._pub.bind(_endpoint(results))
-            self.results_address = self._pub.last_endpoint.decode()
+            self.results_address = self._bind(self._pub, results)
             if self.save_dir is not None:
                 self.save_dir.mkdir(parents=True, exist_ok=True)
+                for part in remove_stale_parts(self.save_dir):
+                    log.warning("removed %s, left by a writer that was killed", part)
                 self._save_queue: queue.Queue = queue.Queue(maxsize=4)
                 self._writer = threading.Thread(target=self._write_volumes, name="biref-volume-writer", daemon=True)
                 self._writer.start()
@@ -105,9 +115,21 @@ class StreamingServer:
     def _socket(self, kind, curve):
         socket = self.context.socket(kind)
         socket.linger = 0
-        if curve is not None:
-            configure_server(socket, curve)
+        try:
+            if curve is not None:
+                configure_server(socket, curve)
+        except BaseException:
+            socket.close(linger=0)   # an open socket would block the context's termination for ever
+            raise
         return socket
+
+    @staticmethod
+    def _bind(socket, address: str) -> str:
+        try:
+            socket.bind(_endpoint(address))
+        except zmq.ZMQError as error:
+            raise OSError(f"cannot bind {address}: {error}") from None
+        return socket.last_endpoint.decode()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def close(self, timeout_s: float = 30.0) -> None:
@@ -176,6 +198,9 @@ class StreamingServer:
                             break
         except ServiceClosed:
             pass
+        except BaseException:
+            log.exception("the ingest thread stopped")
+            raise
 
     def _monitor_events(self) -> None:
         while True:
@@ -212,6 +237,19 @@ class StreamingServer:
             header_frame = self._pull.recv(flags, copy=False)
         except zmq.Again:
             return False
+        try:
+            self._receive_message(header_frame)
+        except ServiceClosed:
+            raise
+        except Exception as error:
+            # whatever a message does to the decoder, it costs that message, never the ingest thread
+            log.exception("internal error while receiving a message")
+            self._drain()
+            self.service.report(StreamError("internal_error", f"{type(error).__name__} while receiving a message"),
+                                cancel=self._stopping)
+        return True
+
+    def _receive_message(self, header_frame) -> None:
         received_s = time.perf_counter()
         nbytes = len(header_frame)
         buffers, arrays = [], []
@@ -243,10 +281,13 @@ class StreamingServer:
                 self.service.pool.give(buffer)
             self.service.count("bytes_received", nbytes)
             self.service.report(StreamError.from_protocol_error(error), cancel=self._stopping)
-            return True
+            return
+        except BaseException:
+            for buffer in buffers:
+                self.service.pool.give(buffer)
+            raise
         self.service.count("bytes_received", nbytes)
         self.service.submit(message, buffers, cancel=self._stopping)
-        return True
 
     # -- worker-thread callbacks: publish -----------------------------------------------------------
     def _publish(self, topic: str, header: dict, volume=None) -> None:
@@ -258,7 +299,7 @@ class StreamingServer:
     def _on_volume(self, result: StreamResult) -> None:
         self._publish("volume", result.header(), result.volume)
         if self.save_dir is not None:
-            self._save_queue.put((self.save_dir / f"{safe_filename(result.acquisition_id)}.h5", result.volume))
+            self._save_queue.put((result.acquisition_id, result.volume))
         if self._user_on_volume is not None:
             self._user_on_volume(result)
 
@@ -284,10 +325,13 @@ class StreamingServer:
             item = self._save_queue.get()
             if item is None:
                 return
-            path, volume = item
+            acquisition_id, volume = item
             try:
+                path = self.save_dir / f"{safe_filename(acquisition_id)}.h5"
+                if path.exists():   # an id seen before (after it left the remembered ids): keep the first
+                    raise FileExistsError(f"{path} exists; the new volume is not written over it")
                 write_volume(path, volume)
                 self._net["volumes_saved"] += 1
             except Exception as error:
                 self._net["save_errors"] += 1
-                print(f"biref serve: could not save {path}: {error}", file=sys.stderr)
+                log.error("could not save the volume of %r: %s", acquisition_id, error)

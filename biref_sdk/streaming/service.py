@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
+import math
 import queue
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,8 @@ from ..geometry import Geometry
 from . import protocol
 from .protocol import DEFAULT_LIMITS, Frame, Limits, ProtocolError, Start, Stop
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -39,6 +42,12 @@ class ServiceConfig:
     flagged incomplete). ``queue_bytes``: memory for frames received but not yet processed; when it
     is spent, ingest blocks (back-pressure to the microscope). ``preview_every``: publish a progressive
     volume every that many views (0: never; costs one finalize each).
+
+    ``memory_bytes``: the service's memory budget, the queue's ``queue_bytes`` included. An
+    acquisition is admitted only if its whole footprint (:func:`acquisition_footprint`: background,
+    views waiting for the background, engine session) fits in what the acquisitions in flight leave
+    of ``memory_bytes - queue_bytes``; otherwise its start is refused (``too_large`` if it could
+    never fit, ``too_many_acquisitions`` if it does not fit now).
     """
 
     acquisition_timeout_s: float = 30.0
@@ -49,11 +58,16 @@ class ServiceConfig:
     status_interval_s: float = 1.0
     preview_every: int = 0
     remembered_ids: int = 1024
+    memory_bytes: int = 2 * 1024**3
     limits: Limits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
-        if self.acquisition_timeout_s <= 0 or self.status_interval_s <= 0:
-            raise ValueError("acquisition_timeout_s and status_interval_s must be positive")
+        for name in ("acquisition_timeout_s", "status_interval_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
+        if self.memory_bytes < self.queue_bytes:
+            raise ValueError(f"memory_bytes ({self.memory_bytes}) must hold at least queue_bytes ({self.queue_bytes})")
         if self.max_in_flight < 1 or self.queue_messages < 1 or self.preview_every < 0:
             raise ValueError("max_in_flight and queue_messages must be >= 1, preview_every >= 0")
         if self.queue_bytes < self.limits.max_frame_bytes:
@@ -109,6 +123,19 @@ class StreamError:
         # a start that is rejected never begins; a rejected view/background/stop leaves its acquisition running
         return cls(error.reason, error.detail, error.acquisition_id, error.message_type,
                    fatal=error.message_type == "start" and error.acquisition_id is not None)
+
+
+def acquisition_footprint(start: Start, reconstructor) -> int:
+    """Bytes one acquisition may hold while in flight: its background (accumulated, or the inline
+    copy), the views that may arrive before the background is whole, and the engine's session
+    (``reconstructor.session_bytes(geometry)`` when the engine states it, else an estimate of two
+    float32 copies of the frames plus 64 bytes per voxel)."""
+    g = start.geometry
+    frames = 2 * g.n_views * math.prod(g.hologram_shape)
+    itemsize = np.dtype(start.dtype).itemsize
+    session_bytes = getattr(reconstructor, "session_bytes", None)
+    session = int(session_bytes(g)) if callable(session_bytes) else 2 * frames * 4 + 64 * math.prod(g.volume_shape)
+    return 2 * frames * itemsize + session
 
 
 class AcquisitionFailed(RuntimeError):
@@ -197,6 +224,7 @@ class _Acquisition:
         self.highest_index = -1
         self.last_activity_s = now
         self.last_view_s = now
+        self.footprint_bytes = 0
 
     @property
     def views_expected(self) -> int:
@@ -240,6 +268,8 @@ class AcquisitionService:
         self._counters = collections.Counter()
         self._errors = collections.Counter()
         self._active: dict[str, _Acquisition] = {}
+        self._reserved_bytes = 0                       # footprints of the acquisitions in flight
+        self._queued: collections.Counter = collections.Counter()   # messages per id waiting for the worker
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._futures: dict[str, _Future] = {}
         self._closing = False
@@ -287,6 +317,10 @@ class AcquisitionService:
         except ProtocolError as error:
             self.report(StreamError.from_protocol_error(error), timeout_s)
             return False
+        except Exception as error:   # a decoder bug costs this message, never the caller's thread
+            log.exception("internal error while decoding a message")
+            self.report(StreamError("internal_error", f"{type(error).__name__} while decoding a message"), timeout_s)
+            return False
         copies = [self._copy_in(header, i, view, timeout_s) for i, view in enumerate(views)]
         self._enqueue(protocol.build_message(header, [a for a, _ in copies], received_s), [b for _, b in copies],
                       timeout_s)
@@ -322,12 +356,21 @@ class AcquisitionService:
     def _enqueue(self, message, buffers, timeout_s, cancel=None) -> None:
         with self._lock:
             self._counters["messages_received"] += 1
+            # an acquisition with messages waiting here is not idle, however long the worker is busy
+            self._queued[message.acquisition_id] += 1
         try:
             self._put(("message", message, buffers), timeout_s, cancel)
         except BaseException:
+            self._dequeued(message.acquisition_id)
             for b in buffers:
                 self.pool.give(b)
             raise
+
+    def _dequeued(self, acquisition_id: str) -> None:
+        with self._lock:
+            self._queued[acquisition_id] -= 1
+            if self._queued[acquisition_id] <= 0:
+                del self._queued[acquisition_id]
 
     def _put(self, item, timeout_s, cancel=None) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -376,6 +419,7 @@ class AcquisitionService:
             "engine": self.engine, "sdk_version": __version__, "uptime_s": time.monotonic() - self._started_s,
             "acquisitions_in_flight": len(self._active), "queue_messages": self._queue.qsize(),
             "queue_bytes": self.pool.in_use_bytes, "queue_capacity_bytes": self.pool.capacity_bytes,
+            "memory_budget_bytes": self.config.memory_bytes, "acquisition_bytes_reserved": self._reserved_bytes,
             "errors": errors, "rejected_messages": counters.pop("rejected_messages", 0),
         }
         for name in ("messages_received", "bytes_received", "views_accepted", "background_frames_accepted",
@@ -419,6 +463,7 @@ class AcquisitionService:
             self._error(item[1])
             return
         _, message, buffers = item
+        self._dequeued(message.acquisition_id)
         try:
             if isinstance(message, Start):
                 self._start(message)
@@ -427,7 +472,8 @@ class AcquisitionService:
             else:
                 self._frame(message)
         except Exception as error:  # a bug must cost one message, not the service
-            self._error(StreamError("internal_error", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}",
+            log.exception("internal error on a %s message", message.type)
+            self._error(StreamError("internal_error", f"{type(error).__name__}: {error}",
                                     message.acquisition_id, message.type))
         finally:
             for buffer in buffers:
@@ -447,7 +493,20 @@ class AcquisitionService:
             self._reject("too_many_acquisitions", f"{len(self._active)} acquisitions already in flight "
                          f"(max_in_flight={self.config.max_in_flight})", message, fatal=True)
             return
+        footprint = acquisition_footprint(message, self.reconstructor)
+        budget = self.config.memory_bytes - self.config.queue_bytes
+        if footprint > budget:
+            self._reject("too_large", f"the acquisition needs about {footprint} bytes, more than the service's "
+                         f"memory budget for acquisitions ({budget} bytes)", message, fatal=True)
+            return
+        if self._reserved_bytes + footprint > budget:
+            self._reject("too_many_acquisitions", f"the acquisition needs about {footprint} bytes; "
+                         f"{len(self._active)} acquisitions in flight hold {self._reserved_bytes} of the "
+                         f"{budget} bytes budgeted", message, fatal=True)
+            return
         acquisition = _Acquisition(message, time.perf_counter())
+        acquisition.footprint_bytes = footprint
+        self._reserved_bytes += footprint
         if message.background is not None:
             if not self._open_session(acquisition, np.array(message.background), message):
                 return
@@ -463,6 +522,8 @@ class AcquisitionService:
             acquisition.session = self.reconstructor.start(acquisition.geometry, background)
         except Exception as error:
             self._reject("engine_rejected", f"{self.engine}: {type(error).__name__}: {error}", message, fatal=True)
+            if acquisition.id not in self._active:   # an inline background: not yet admitted
+                self._reserved_bytes -= acquisition.footprint_bytes
             self._finish(acquisition.id)
             return False
         acquisition.background = None
@@ -555,7 +616,10 @@ class AcquisitionService:
 
     def _expire(self, now: float) -> None:
         timeout = self.config.acquisition_timeout_s
-        for acquisition in [a for a in self._active.values() if now - a.last_activity_s > timeout]:
+        with self._lock:
+            queued = set(self._queued)
+        for acquisition in [a for a in self._active.values()
+                            if now - a.last_activity_s > timeout and a.id not in queued]:
             if self.config.partial_on_timeout and acquisition.session is not None and acquisition.n_received:
                 self._publish_volume(acquisition, incomplete_reason="timeout")
             else:
@@ -579,9 +643,12 @@ class AcquisitionService:
         try:
             result = self._result(acquisition, False, incomplete_reason)
         except Exception as error:
-            self._fail(acquisition.id, StreamError("engine_error", f"{self.engine} failed to finalize: "
-                                                   f"{type(error).__name__}: {error}", acquisition.id,
-                                                   fatal=True, rejected_message=False))
+            # with views missing, an engine that cannot reconstruct from the few present is the
+            # sender's incomplete acquisition, not an engine failure
+            reason = "engine_error" if incomplete_reason is None else "incomplete"
+            self._fail(acquisition.id, StreamError(reason, f"{self.engine} failed to finalize "
+                                                   f"({acquisition.progress()}): {type(error).__name__}: {error}",
+                                                   acquisition.id, fatal=True, rejected_message=False))
             return
         self._finish(acquisition.id)
         self.count("volumes")
@@ -607,7 +674,9 @@ class AcquisitionService:
         self._error(error)
 
     def _finish(self, acquisition_id: str) -> None:
-        self._active.pop(acquisition_id, None)
+        acquisition = self._active.pop(acquisition_id, None)
+        if acquisition is not None:
+            self._reserved_bytes -= acquisition.footprint_bytes
         self._recent[acquisition_id] = None
         while len(self._recent) > self.config.remembered_ids:
             self._recent.popitem(last=False)
@@ -640,7 +709,7 @@ class AcquisitionService:
             callback(value)
         except Exception:  # a vendor callback must not stop the service
             self.count("callback_errors")
-            traceback.print_exc()
+            log.exception("the %s callback failed", name)
 
 
 class _Future:
