@@ -27,34 +27,7 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry
-
-
-def polarization_basis(geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(k_hat, u1, u2) float[V, 3]: illumination directions and the orthonormal polarization basis."""
-    k_hat = geometry.illumination_directions()
-    u1 = geometry.input_polarizations()[0]
-    u2 = np.cross(k_hat, u1)
-    return k_hat, u1, u2
-
-
-def input_coefficients(geometry: Geometry) -> np.ndarray:
-    """float[2(pol), V, 2]: each input polarization in the (u1, u2) basis."""
-    _, u1, u2 = polarization_basis(geometry)
-    pol = geometry.input_polarizations()
-    return np.stack([np.stack([np.sum(pol[p] * u1, 1), np.sum(pol[p] * u2, 1)], 1) for p in range(2)])
-
-
-def transverse_matrix(geometry: Geometry) -> np.ndarray:
-    """T float[V, 2, 2] mapping (u1, u2) coefficients to (x, y) field components."""
-    _, u1, u2 = polarization_basis(geometry)
-    return np.stack([np.stack([u1[:, 0], u2[:, 0]], 1), np.stack([u1[:, 1], u2[:, 1]], 1)], 1)
-
-
-def _quadratic_form_coefficients(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """c[V, 6] such that a^T eps b = c . eps6 for symmetric eps in (xx, yy, zz, xy, xz, yz) order."""
-    return np.stack([a[:, 0] * b[:, 0], a[:, 1] * b[:, 1], a[:, 2] * b[:, 2],
-                     a[:, 0] * b[:, 1] + a[:, 1] * b[:, 0], a[:, 0] * b[:, 2] + a[:, 2] * b[:, 0],
-                     a[:, 1] * b[:, 2] + a[:, 2] * b[:, 1]], axis=1)
+from .frames import ViewWavevectors, input_coefficients, polarization_basis, quadratic_form_rows, transverse_matrix
 
 
 class MultiSlice:
@@ -77,23 +50,18 @@ class MultiSlice:
         H, W = g.hologram_shape
         k_hat, u1, u2 = polarization_basis(g)
         self._s_z = torch.as_tensor(k_hat[:, 2], dtype=self.real_dtype, device=self.device)
-        coeff = np.concatenate([_quadratic_form_coefficients(u1, u1), _quadratic_form_coefficients(u1, u2),
-                                _quadratic_form_coefficients(u2, u2)])  # [3V, 6]
+        coeff = np.concatenate([quadratic_form_rows(u1, u1), quadratic_form_rows(u1, u2),
+                                quadratic_form_rows(u2, u2)])  # [3V, 6]
         self._form = torch.as_tensor(coeff, dtype=self.real_dtype, device=self.device)
         self._input = torch.as_tensor(input_coefficients(g), dtype=dtype, device=self.device)  # [2, V, 2]
         self._T = torch.as_tensor(transverse_matrix(g), dtype=dtype, device=self.device)  # [V, 2, 2]
 
-        # transverse wavevectors of the grid (rad/m), and of each illumination
-        fy = torch.fft.fftfreq(H, d=g.pixel_size_m, dtype=torch.float64) * 2 * math.pi
-        fx = torch.fft.fftfreq(W, d=g.pixel_size_m, dtype=torch.float64) * 2 * math.pi
-        k_in = torch.as_tensor(k_hat, dtype=torch.float64) * g.k_medium_per_m
-        self._ky = fy[None, :, None] + k_in[:, 1, None, None]
-        self._kx = fx[None, None, :] + k_in[:, 0, None, None]
+        grid = ViewWavevectors.of(g)
+        k_in = torch.as_tensor(grid.k_in)
         self._kz_in = k_in[:, 2, None, None]
-        kt2 = self._kx**2 + self._ky**2
-        self._propagating = kt2 < g.k_medium_per_m**2
-        self._kz = torch.sqrt(torch.clamp(g.k_medium_per_m**2 - kt2, min=0.0))
-        self._pupil = kt2 <= (g.k0_per_m * g.na_objective) ** 2
+        self._propagating = torch.as_tensor(grid.propagating)
+        self._kz = torch.as_tensor(grid.kz)
+        self._pupil = torch.as_tensor(grid.pupil)
         self._kernels: dict[float, torch.Tensor] = {}
 
         y, x = g.hologram_coordinates_m()
