@@ -16,8 +16,14 @@ Model (first order in the index contrast, exact in free propagation):
 * After the last slice the field is propagated back to the focal plane ``z = 0`` (the microscope
   images that plane) and band-limited to the objective pupil ``|k_T| <= k0 NA``.
 
-Polarization coupling by the tensor, the tilt of every view and diffraction are in; reflections
-and the change of polarization basis of strongly scattered waves are not (both second order).
+* High-NA vector correction (``vector=True``, the default): the screen scatters each plane wave
+  with 1/k_z,in in the illumination's basis; first-order (Born) scattering of the slice has
+  ``i k0^2 dz / (2 k_z,out) (I - k^ k^T) (eps - n_m^2 I) E``. Each slice adds the difference, on the
+  spectrum of the next propagation step; it is zero at k_out = k_in (slabs stay exact Jones calculus).
+
+Polarization coupling by the tensor, the tilt of every view, diffraction and the vector scattering
+at high NA are in; reflections and re-scattering of scattered waves in their own polarization
+basis are not (second order). docs/simulator.md has the checks against exact Mie scattering.
 """
 from __future__ import annotations
 
