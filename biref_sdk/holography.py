@@ -58,30 +58,54 @@ def expose(frames: torch.Tensor, camera: CameraConfig, generator: torch.Generato
 
 
 class Demodulator:
-    """Off-axis demodulation of frames [..., H, W] into the fields [..., 2(x, y), H, W].
+    """Off-axis demodulation of frames [..., H, W] into the fields [..., 2(x, y), h, w].
 
-    The field E_q sits in the sideband at minus carrier q (docs/formats.md): multiplying the frame
-    by exp(+i 2 pi c_q . (j, i)) moves it to zero frequency, where the objective pupil (radius
-    NA/wavelength) crops it. The result is ``a E`` in camera units; dividing by the demodulated
-    background removes ``a`` and the camera gain.
+    The field E_q sits in the sideband at minus carrier q (docs/formats.md): its spectrum is the
+    frame's shifted by the carrier (exp(+i 2 pi c_q . (j, i)) in real space), cut to the objective
+    pupil (radius NA/wavelength) and inverse transformed. ``crop`` (h, w) keeps only the h x w
+    lowest frequencies, i.e. a coarser grid of the same field of view (pitch ``p W / w``; sample n
+    at ``x = (n - w/2) * pitch``, the camera's convention); the full H x W grid by default. The
+    result is ``a E`` in camera units; dividing by the demodulated background removes ``a`` and
+    the camera gain.
     """
 
-    def __init__(self, geometry: Geometry, device="cpu") -> None:
+    def __init__(self, geometry: Geometry, device="cpu", crop: tuple[int, int] | None = None) -> None:
         self.geometry = geometry
+        self.device = torch.device(device)
         H, W = geometry.hologram_shape
-        self._shift = reference_waves(geometry, 1.0, device)  # exp(+i 2 pi c.(j, i))
-        fy = torch.fft.fftfreq(H, dtype=torch.float64, device=device)[:, None]
-        fx = torch.fft.fftfreq(W, dtype=torch.float64, device=device)[None, :]
-        self._pupil = ((fx**2 + fy**2) <= geometry.pupil_radius_cycles_per_pixel**2).to(torch.complex64)
+        self.crop = Hc, Wc = tuple(crop) if crop is not None else (H, W)
+        if not (0 < Hc <= H and 0 < Wc <= W):
+            raise ValueError(f"crop {self.crop} must lie within the {H}x{W} camera grid")
+        # the grid's frequency indices, in units of 1/H, 1/W cycles per pixel (FFT order)
+        my = torch.fft.fftfreq(Hc, 1.0 / Hc, dtype=torch.float64).round().long()
+        mx = torch.fft.fftfreq(Wc, 1.0 / Wc, dtype=torch.float64).round().long()
+        r = geometry.pupil_radius_cycles_per_pixel
+        self._pupil = (((mx[None, :] / W) ** 2 + (my[:, None] / H) ** 2) <= r * r).to(self.device)
+        bins = geometry.carriers * np.array([W, H])
+        self._on_grid = bool(np.all(np.abs(bins - np.round(bins)) < 1e-6))
+        if self._on_grid:
+            # the sideband of reference q at index m is the frame's spectrum at (m - c_q) mod N: a gather
+            self._rows = torch.stack([(my - int(round(bins[q, 1]))) % H for q in range(2)]).to(self.device)
+            self._cols = torch.stack([(mx - int(round(bins[q, 0]))) % W for q in range(2)]).to(self.device)
+        else:
+            # carriers off the FFT grid: shift each sideband to zero frequency in real space first
+            self._shift = reference_waves(geometry, 1.0, self.device)  # exp(+i 2 pi c.(j, i))
+            self._rows = torch.stack([my % H, my % H]).to(self.device)
+            self._cols = torch.stack([mx % W, mx % W]).to(self.device)
 
     def __call__(self, frames) -> torch.Tensor:
         frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
-        frames = frames.to(device=self._shift.device, dtype=torch.float32)
+        frames = frames.to(device=self.device, dtype=torch.float32)
         if tuple(frames.shape[-2:]) != self.geometry.hologram_shape:
             raise ValueError(f"frames of shape {tuple(frames.shape[-2:])} do not match the geometry's "
                              f"{self.geometry.hologram_shape}")
-        shifted = frames[..., None, :, :] * self._shift
-        return torch.fft.ifft2(torch.fft.fft2(shifted) * self._pupil)
+        if self._on_grid:
+            spectrum = torch.fft.fft2(frames)
+            parts = [spectrum[..., self._rows[q][:, None], self._cols[q][None, :]] for q in range(2)]
+        else:
+            spectra = torch.fft.fft2(frames[..., None, :, :] * self._shift)
+            parts = [spectra[..., q, self._rows[q][:, None], self._cols[q][None, :]] for q in range(2)]
+        return torch.fft.ifft2(torch.stack(parts, -3) * self._pupil)
 
 
 def demodulate(holograms, geometry: Geometry, device="cpu") -> torch.Tensor:

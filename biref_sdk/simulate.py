@@ -22,6 +22,7 @@ class SimulationConfig:
 
     supersample: int = 3      # sub-samples per voxel edge for the partial-volume tensor average
     substeps: int = 1         # thin screens per voxel slice
+    vector_scattering: bool = True  # high-NA vector Born correction (False: the plain Jones multi-slice)
     camera: CameraConfig = field(default_factory=CameraConfig)
     droplets: DropletDistribution = field(default_factory=DropletDistribution)
 
@@ -44,7 +45,8 @@ class Simulator:
         self.geometry = geometry
         self.config = config
         self.device = torch.device(device)
-        self._optics = MultiSlice(geometry, device=self.device, substeps=config.substeps)
+        self._optics = MultiSlice(geometry, device=self.device, substeps=config.substeps,
+                                  vector=config.vector_scattering)
 
     def _as_sample(self, sample) -> Sample:
         if isinstance(sample, Volume):

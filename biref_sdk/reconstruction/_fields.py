@@ -1,5 +1,6 @@
-"""Per-view field processing of the formula reconstruction: cropped off-axis demodulation, the
-relative Jones matrix, and its matrix logarithm (the tensor Rytov field) with phase unwrapping.
+"""Per-view field processing of the formula reconstruction: the crop grid of the demodulated fields
+(demodulation itself is ``biref_sdk.holography.Demodulator``), and the matrix logarithm of the
+relative Jones matrix (the tensor Rytov field) with phase unwrapping.
 
 Grids: the hologram has H x W pixels of ``pixel_size_m``. The fields are band-limited to the
 objective pupil around each illumination, so after demodulation they are kept on a coarser
@@ -47,62 +48,6 @@ def crop_shape(geometry: Geometry, margin: float = 1.1) -> tuple[int, int]:
         size = _smooth_size(math.ceil(2.0 * f_max * margin * n))
         shape.append(min(size, n) if n % 2 == 0 else min(size, n - 1))
     return tuple(shape)
-
-
-class CroppedDemodulator:
-    """Off-axis demodulation (docs/formats.md "Hologram model") onto the crop grid.
-
-    The field ``E_q`` sits in the sideband at minus carrier ``q``; its spectrum ``F_E(f)`` is the
-    frame's ``F_I(f - c_q)``. The spectrum is cut to the crop grid's frequencies and to the
-    objective pupil, then inverse transformed on the crop grid. Output is ``a E`` (reference
-    amplitude times field) up to one constant, complex [..., 2(x, y), Hc, Wc]; ratios to the
-    background's output are the physical fields.
-    """
-
-    def __init__(self, geometry: Geometry, device: torch.device, crop: tuple[int, int] | None = None) -> None:
-        self.geometry = geometry
-        self.device = torch.device(device)
-        H, W = geometry.hologram_shape
-        self.crop = crop or crop_shape(geometry)
-        Hc, Wc = self.crop
-        # crop-grid frequency indices (in units of 1/H, 1/W cycles per pixel)
-        my = torch.fft.fftfreq(Hc, 1.0 / Hc, dtype=torch.float64).round().long()
-        mx = torch.fft.fftfreq(Wc, 1.0 / Wc, dtype=torch.float64).round().long()
-        r = geometry.pupil_radius_cycles_per_pixel
-        self._pupil = (((mx[None, :] / W) ** 2 + (my[:, None] / H) ** 2) <= r * r).to(self.device)
-        carriers = geometry.carriers  # [2, (fx, fy)] cycles per pixel
-        bins = carriers * np.array([W, H])
-        self._on_grid = bool(np.all(np.abs(bins - np.round(bins)) < 1e-6))
-        if self._on_grid:
-            # F_E at crop index m is F_I at (m - c_q) mod N: a gather of the frame's spectrum
-            self._rows = torch.stack([(my - int(round(bins[q, 1]))) % H for q in range(2)]).to(self.device)
-            self._cols = torch.stack([(mx - int(round(bins[q, 0]))) % W for q in range(2)]).to(self.device)
-        else:
-            # carriers off the FFT grid: shift each sideband to zero frequency in real space first
-            i = torch.arange(H, dtype=torch.float64)[:, None]
-            j = torch.arange(W, dtype=torch.float64)[None, :]
-            c = torch.as_tensor(carriers, dtype=torch.float64)
-            phase = _TWO_PI * (c[:, 0, None, None] * j + c[:, 1, None, None] * i)
-            self._shift = torch.exp(1j * phase).to(torch.complex64).to(self.device)
-            self._rows = my.remainder(H).to(self.device)
-            self._cols = mx.remainder(W).to(self.device)
-            self._rows = torch.stack([self._rows, self._rows])
-            self._cols = torch.stack([self._cols, self._cols])
-
-    def __call__(self, frames) -> torch.Tensor:
-        frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
-        frames = frames.to(device=self.device, dtype=torch.float32)
-        if tuple(frames.shape[-2:]) != self.geometry.hologram_shape:
-            raise ValueError(f"frames of shape {tuple(frames.shape[-2:])} do not match the geometry's "
-                             f"{self.geometry.hologram_shape}")
-        if self._on_grid:
-            spectrum = torch.fft.fft2(frames)
-            parts = [spectrum[..., self._rows[q][:, None], self._cols[q][None, :]] for q in range(2)]
-        else:
-            spectra = torch.fft.fft2(frames[..., None, :, :] * self._shift)
-            parts = [spectra[..., q, self._rows[q][:, None], self._cols[q][None, :]] for q in range(2)]
-        cropped = torch.stack(parts, -3) * self._pupil
-        return torch.fft.ifft2(cropped)
 
 
 def unwrap_phase(wrapped: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry
+from ..physics.frames import ViewWavevectors, polarization_basis, quadratic_form_rows, transverse_matrix
 
 # Rytov data rows per frequency: the (u1,u1), symmetrised (u1,u2) and (u2,u2) entries of the log
 # Jones matrix; the off-diagonal stands for two measured entries, hence weight 2 (Frobenius norm).
@@ -28,24 +29,6 @@ ROW_WEIGHTS = (1.0, 2.0, 1.0)
 # Frobenius metric of a symmetric tensor in 6-vector form, and its isotropic direction
 _FROBENIUS = np.diag([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
 _ISOTROPIC = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-
-
-def polarization_frames(geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(k_hat, u1, u2, T) per view: the illumination direction, the polarization basis of the
-    forward model (u1 = x^ projected perpendicular to k_hat, u2 = k_hat x u1) and T [V, 2, 2]
-    mapping (u1, u2) coefficients to (x, y) field components."""
-    k_hat = geometry.illumination_directions()
-    u1 = geometry.input_polarizations()[0]
-    u2 = np.cross(k_hat, u1)
-    T = np.stack([np.stack([u1[:, 0], u2[:, 0]], 1), np.stack([u1[:, 1], u2[:, 1]], 1)], 1)
-    return k_hat, u1, u2, T
-
-
-def quadratic_form_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """c [V, 6] with ``a^T S b = c . s6`` for a symmetric tensor ``s6`` (xx, yy, zz, xy, xz, yz)."""
-    return np.stack([a[:, 0] * b[:, 0], a[:, 1] * b[:, 1], a[:, 2] * b[:, 2],
-                     a[:, 0] * b[:, 1] + a[:, 1] * b[:, 0], a[:, 0] * b[:, 2] + a[:, 2] * b[:, 0],
-                     a[:, 1] * b[:, 2] + a[:, 2] * b[:, 1]], axis=1)
 
 
 def regularizer(deviatoric: float, isotropic: float) -> np.ndarray:
@@ -94,8 +77,8 @@ class FourierPlan:
         self.n_z = max(Z, int(math.ceil(z_oversampling * Z)))
         k0, km = g.k0_per_m, g.k_medium_per_m
         dkz = 2 * math.pi / (self.n_z * dz)
-        k_hat, u1, u2, T = polarization_frames(g)
-        self.T = T
+        k_hat, u1, u2 = polarization_basis(g)
+        self.T = transverse_matrix(g)
         rows = np.stack([quadratic_form_rows(u1, u1), quadratic_form_rows(u1, u2), quadratic_form_rows(u2, u2)], 1)
         weighted = rows * np.asarray(ROW_WEIGHTS)[None, :, None]  # [V, 3, 6]
         self._view_normal = np.einsum("vri,vrj->vij", rows, weighted)  # A^T W A per view [V, 6, 6]
@@ -103,18 +86,14 @@ class FourierPlan:
         my = np.fft.fftfreq(Hc, 1.0 / Hc).round().astype(np.int64)
         mx = np.fft.fftfreq(Wc, 1.0 / Wc).round().astype(np.int64)
         MY, MX = np.meshgrid(my, mx, indexing="ij")
-        qx, qy = 2 * math.pi * MX / (W * p), 2 * math.pi * MY / (H * p)
         # crop pixel n sits at x = (n - Wc/2) * pitch: the Fourier transform about x = 0 carries
         # exp(i pi m) per axis, and the crop pixel area
         centring = np.where((MX + MY) % 2 == 0, 1.0, -1.0) * (p * W / Wc) * (p * H / Hc)
         per_view = []
+        grid = ViewWavevectors.of(g, crop)
         for v in range(g.n_views):
-            k_in = k_hat[v] * km
-            kx, ky = k_in[0] + qx, k_in[1] + qy
-            kt2 = kx**2 + ky**2
-            inside = kt2 <= (k0 * g.na_objective) ** 2
-            kz_out = np.sqrt(np.maximum(km**2 - kt2, 0.0))
-            mz = np.round((kz_out - k_in[2]) / dkz).astype(np.int64)
+            inside = grid.pupil[v].copy()
+            mz = np.round((grid.kz[v] - grid.k_in[v, 2]) / dkz).astype(np.int64)
             inside &= np.abs(mz) < self.n_z // 2  # band limit of the volume's z grid
             flat = np.flatnonzero(inside.reshape(-1))
             scale = centring.reshape(-1)[flat] * (2 * g.medium_index * k_hat[v, 2] / (1j * k0))

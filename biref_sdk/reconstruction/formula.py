@@ -2,7 +2,7 @@
 
 The method (docs/reconstruction.md has the equations):
 
-1. Off-axis demodulation of each frame onto a crop grid (``_fields.CroppedDemodulator``), giving
+1. Off-axis demodulation of each frame onto a crop grid (``holography.Demodulator`` with a crop), giving
    the (x, y) field for both input polarizations of a view: a 2x2 Jones matrix M per pixel; the
    same for the background frames, M_bg (its envelope low-passed: the illumination is smooth).
 2. The relative Jones matrix in the view's polarization basis (u1, u2):
@@ -34,8 +34,9 @@ import torch
 
 from ..files import Volume
 from ..geometry import Geometry
+from ..holography import Demodulator
 from ._eigen import symmetric_eigen, symmetric_eigen_full
-from ._fields import CroppedDemodulator, crop_shape, jones_logarithm
+from ._fields import crop_shape, jones_logarithm
 from ._kspace import FourierPlan
 from .base import ReconstructionSession, Reconstructor
 
@@ -93,7 +94,7 @@ class _Background:
     """Per-view inverse background Jones matrices ``M_bg^-1 T`` [2, 2, Hc, Wc], computed on first
     use and shared by every session of one background (a data set's samples share one)."""
 
-    def __init__(self, frames: np.ndarray, demodulator: CroppedDemodulator, T: torch.Tensor,
+    def __init__(self, frames: np.ndarray, demodulator: Demodulator, T: torch.Tensor,
                  smoothing_m: float) -> None:
         self._frames = frames
         self._demodulator = demodulator
@@ -168,7 +169,7 @@ class FormulaReconstructor(Reconstructor):
     def parameters(self) -> dict:
         return {"method": self.name, "options": asdict(self.options), "device": str(self.device)}
 
-    def _plan(self, geometry: Geometry) -> tuple[FourierPlan, CroppedDemodulator]:
+    def _plan(self, geometry: Geometry) -> tuple[FourierPlan, Demodulator]:
         with self._lock:
             entry = self._plans.get(geometry)
             if entry is None:
@@ -176,7 +177,7 @@ class FormulaReconstructor(Reconstructor):
                 o = self.options
                 plan = FourierPlan(geometry, crop, self.device, o.z_oversampling, o.regularization,
                                    o.isotropic_regularization)
-                entry = (plan, CroppedDemodulator(geometry, self.device, crop))
+                entry = (plan, Demodulator(geometry, self.device, crop))
                 self._plans[geometry] = entry
                 while len(self._plans) > 2:
                     self._plans.popitem(last=False)
