@@ -144,6 +144,14 @@ class Geometry:
             out[p] = vec / np.linalg.norm(vec, axis=1, keepdims=True)
         return out
 
+    def frames_periodic(self, tolerance_bins: float = 1e-3) -> bool:
+        """True when every illumination frequency and both carriers lie on the frame's FFT grid:
+        the frames are then periodic and demodulation has no spectral leakage."""
+        h, w = self.hologram_shape
+        scale = self.medium_index * self.pixel_size_m / self.wavelength_m  # sine -> cycles per pixel
+        bins = np.concatenate([self.sines * scale, self.carriers]) * np.array([w, h])
+        return bool(np.all(np.abs(bins - np.round(bins)) <= tolerance_bins))
+
     def hologram_coordinates_m(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel-centre coordinates (y[H], x[W]) in metres, zero at the optical axis."""
         h, w = self.hologram_shape
@@ -240,6 +248,10 @@ def geometry_findings(g: Geometry) -> list[Finding]:
           "the two sidebands overlap: carriers must differ by at least 2 x pupil radius")
     if any(f.refused for f in out):
         return out
+    out.append(Finding(False, "illumination and carriers on the FFT grid: periodic frames, no leakage"
+                       if g.frames_periodic() else
+                       "illumination or carriers off the FFT grid: frames not periodic (the formula divides by "
+                       "the unsmoothed background, which cancels the leakage)"))
     # resolution: the Ewald-sphere coverage (objective + illumination NA) against the voxel grid
     lateral_m = g.wavelength_m / (g.na_objective + s_max)
     nm = g.medium_index
