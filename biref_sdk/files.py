@@ -357,3 +357,40 @@ class Dataset:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_geometry(spec, checked: bool = True) -> Geometry:
+    """A microscope geometry from a preset name, a JSON geometry file (the attribute names of
+    docs/formats.md plus ``hologram_shape`` [H, W]) or any acquisition / data set file (its
+    attributes and frame shape). ``checked=False`` skips validation (``biref geometry check``)."""
+    from .geometry import PRESETS
+
+    if str(spec) in PRESETS:
+        return PRESETS[str(spec)]
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such geometry file, and not a preset ({', '.join(PRESETS)})")
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as handle:
+            kind = _kind(handle, path)
+            if kind == "volume":
+                raise FileFormatError(f"{path}: a volume file has no microscope geometry; "
+                                      "give an acquisition, a data set or a JSON geometry")
+            frames = handle["background"].shape
+            return Geometry.from_attributes(handle.attrs, frames[-2:], checked=checked)
+    try:
+        attrs = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FileFormatError(f"{path}: neither an HDF5 file nor a JSON geometry ({error})") from None
+    if not isinstance(attrs, dict) or "hologram_shape" not in attrs:
+        raise FileFormatError(f"{path}: a JSON geometry is an object with the attributes of docs/formats.md "
+                              "and hologram_shape [H, W]")
+    return Geometry.from_attributes(attrs, attrs["hologram_shape"], checked=checked)
+
+
+def write_geometry(path, geometry: Geometry) -> None:
+    """The JSON geometry file that :func:`read_geometry` reads."""
+    attrs = {name: np.asarray(value).tolist() if np.ndim(value) else value
+             for name, value in geometry.to_attributes().items()}
+    attrs["hologram_shape"] = list(geometry.hologram_shape)
+    Path(path).write_text(json.dumps(attrs, indent=1) + "\n")

@@ -75,6 +75,20 @@ class Geometry:
     voxel_size_m: tuple[float, float, float]
 
     def __post_init__(self) -> None:
+        self._normalise()
+        self.validate()
+
+    @classmethod
+    def unchecked(cls, **fields) -> "Geometry":
+        """A geometry built without :meth:`validate`, so that :func:`geometry_findings` can report
+        everything that is wrong with it (``biref geometry check``)."""
+        geometry = cls.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(geometry, name, value)
+        geometry._normalise()
+        return geometry
+
+    def _normalise(self) -> None:
         # Normalise array-likes into nested tuples so that the dataclass stays hashable and frozen.
         def tup(value, cast):
             return tuple(tup(v, cast) for v in value) if np.ndim(value) > 0 else cast(value)
@@ -86,7 +100,6 @@ class Geometry:
         object.__setattr__(self, "voxel_size_m", tup(np.asarray(self.voxel_size_m, float).reshape(3), float))
         for name in ("wavelength_m", "medium_index", "na_objective", "pixel_size_m"):
             object.__setattr__(self, name, float(getattr(self, name)))
-        self.validate()
 
     # -- derived quantities -------------------------------------------------------------------
     @property
@@ -131,6 +144,14 @@ class Geometry:
             out[p] = vec / np.linalg.norm(vec, axis=1, keepdims=True)
         return out
 
+    def frames_periodic(self, tolerance_bins: float = 1e-3) -> bool:
+        """True when every illumination frequency and both carriers lie on the frame's FFT grid:
+        the frames are then periodic and demodulation has no spectral leakage."""
+        h, w = self.hologram_shape
+        scale = self.medium_index * self.pixel_size_m / self.wavelength_m  # sine -> cycles per pixel
+        bins = np.concatenate([self.sines * scale, self.carriers]) * np.array([w, h])
+        return bool(np.all(np.abs(bins - np.round(bins)) <= tolerance_bins))
+
     def hologram_coordinates_m(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel-centre coordinates (y[H], x[W]) in metres, zero at the optical axis."""
         h, w = self.hologram_shape
@@ -142,31 +163,11 @@ class Geometry:
 
     # -- checks --------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError if the parameters cannot describe a working off-axis DTT microscope."""
-        if self.wavelength_m <= 0 or self.pixel_size_m <= 0 or min(self.voxel_size_m) <= 0:
-            raise ValueError("wavelength_m, pixel_size_m and voxel_size_m must be positive")
-        if not 0 < self.na_objective < self.medium_index:
-            raise ValueError(f"na_objective {self.na_objective} must lie in (0, medium_index={self.medium_index})")
-        if self.n_views < 1:
-            raise ValueError("at least one illumination view is needed")
-        s = np.linalg.norm(self.sines, axis=1)
-        if np.any(s * self.medium_index > self.na_objective):
-            raise ValueError("every illumination direction must lie inside the objective NA, "
-                             f"max illumination NA {s.max() * self.medium_index:.3f} > {self.na_objective}")
-        h, w = self.hologram_shape
-        z, y, x = self.volume_shape
-        dz, dy, dx = self.voxel_size_m
-        if y * dy > h * self.pixel_size_m * (1 + 1e-9) or x * dx > w * self.pixel_size_m * (1 + 1e-9):
-            raise ValueError("the volume must lie inside the camera field of view")
-        r = self.pupil_radius_cycles_per_pixel
-        c = self.carriers
-        if np.any(np.abs(c) + r > 0.5 + 1e-9):
-            raise ValueError(f"a sideband (carrier +- pupil radius {r:.3f}) crosses the Nyquist limit")
-        if np.any(np.linalg.norm(c, axis=1) < 3 * r - 1e-9):
-            raise ValueError("a sideband overlaps the DC term: |carrier| must be at least 3 x pupil radius")
-        for sign in (1.0, -1.0):
-            if np.linalg.norm(c[0] - sign * c[1]) < 2 * r - 1e-9:
-                raise ValueError("the two sidebands overlap: carriers must differ by at least 2 x pupil radius")
+        """Raise ValueError if the parameters cannot describe a working off-axis DTT microscope
+        (the first refusal of :func:`geometry_findings`)."""
+        for finding in geometry_findings(self):
+            if finding.refused:
+                raise ValueError(finding.text)
 
     def to_attributes(self) -> dict:
         """The geometry as HDF5 attributes (names of docs/formats.md)."""
@@ -182,16 +183,86 @@ class Geometry:
         }
 
     @classmethod
-    def from_attributes(cls, attrs, hologram_shape) -> "Geometry":
+    def from_attributes(cls, attrs, hologram_shape, checked: bool = True) -> "Geometry":
         missing = [name for name in GEOMETRY_ATTRIBUTES if name not in attrs]
         if missing:
             raise ValueError(f"geometry attributes missing: {', '.join(missing)}")
-        return cls(hologram_shape=tuple(int(v) for v in hologram_shape),
-                   **{name: np.asarray(attrs[name]) if np.ndim(attrs[name]) else attrs[name]
-                      for name in GEOMETRY_ATTRIBUTES})
+        fields = dict(hologram_shape=tuple(int(v) for v in hologram_shape),
+                      **{name: np.asarray(attrs[name]) if np.ndim(attrs[name]) else attrs[name]
+                         for name in GEOMETRY_ATTRIBUTES})
+        return cls(**fields) if checked else cls.unchecked(**fields)
 
     def replace(self, **changes) -> "Geometry":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of ``biref geometry check``; ``refused``: the service and every tool refuse it."""
+
+    refused: bool
+    text: str
+
+    def __str__(self) -> str:
+        return f"{'REFUSED' if self.refused else 'ok'}: {self.text}"
+
+
+def geometry_findings(g: Geometry) -> list[Finding]:
+    """Everything ``validate`` checks, one finding each (refused or ok), then what limits resolution."""
+    out: list[Finding] = []
+
+    def check(ok: bool, good: str, bad: str) -> None:
+        out.append(Finding(not ok, good if ok else bad))
+
+    positive = g.wavelength_m > 0 and g.pixel_size_m > 0 and min(g.voxel_size_m) > 0
+    check(positive, "wavelength, pixel and voxel sizes are positive",
+          "wavelength_m, pixel_size_m and voxel_size_m must be positive")
+    check(0 < g.na_objective < g.medium_index,
+          f"objective NA {g.na_objective:.3f} below the medium index {g.medium_index:.3f}",
+          f"na_objective {g.na_objective} must lie in (0, medium_index={g.medium_index})")
+    check(g.n_views >= 1, f"{g.n_views} illumination views", "at least one illumination view is needed")
+    if not positive or g.n_views < 1:
+        return out
+    s_max = float(np.linalg.norm(g.sines, axis=1).max()) * g.medium_index
+    check(s_max <= g.na_objective,
+          f"illumination NA {s_max:.3f} inside the objective NA {g.na_objective:.3f}",
+          "every illumination direction must lie inside the objective NA, "
+          f"max illumination NA {s_max:.3f} > {g.na_objective}")
+    h, w = g.hologram_shape
+    z, y, x = g.volume_shape
+    dz, dy, dx = g.voxel_size_m
+    fits = y * dy <= h * g.pixel_size_m * (1 + 1e-9) and x * dx <= w * g.pixel_size_m * (1 + 1e-9)
+    check(fits, f"volume {x * dx * 1e6:.2f} x {y * dy * 1e6:.2f} um inside the field of view "
+                f"{w * g.pixel_size_m * 1e6:.2f} x {h * g.pixel_size_m * 1e6:.2f} um",
+          "the volume must lie inside the camera field of view")
+    r = g.pupil_radius_cycles_per_pixel
+    c = g.carriers
+    margin = 0.5 - float((np.abs(c) + r).max())
+    check(margin >= -1e-9, f"sidebands clear of Nyquist (margin {margin:.3f} cycles/pixel)",
+          f"a sideband (carrier +- pupil radius {r:.3f}) crosses the Nyquist limit")
+    dc = float(np.linalg.norm(c, axis=1).min())
+    check(dc >= 3 * r - 1e-9, f"sidebands clear of the DC term (|carrier| {dc:.3f} >= 3 x pupil radius {r:.3f})",
+          "a sideband overlaps the DC term: |carrier| must be at least 3 x pupil radius")
+    apart = min(float(np.linalg.norm(c[0] - sign * c[1])) for sign in (1.0, -1.0))
+    check(apart >= 2 * r - 1e-9, f"the two sidebands apart ({apart:.3f} >= 2 x pupil radius)",
+          "the two sidebands overlap: carriers must differ by at least 2 x pupil radius")
+    if any(f.refused for f in out):
+        return out
+    out.append(Finding(False, "illumination and carriers on the FFT grid: periodic frames, no leakage"
+                       if g.frames_periodic() else
+                       "illumination or carriers off the FFT grid: frames not periodic (the formula divides by "
+                       "the unsmoothed background, which cancels the leakage)"))
+    # resolution: the Ewald-sphere coverage (objective + illumination NA) against the voxel grid
+    lateral_m = g.wavelength_m / (g.na_objective + s_max)
+    nm = g.medium_index
+    axial_m = g.wavelength_m / (nm - math.sqrt(max(nm**2 - g.na_objective**2, 0.0)))
+    limit = "voxel size" if dx > lateral_m / 2 else "NA (objective + illumination)"
+    out.append(Finding(False, f"lateral resolution ~{lateral_m * 1e9:.0f} nm (lambda/(NA+NA_ill)), voxel "
+                              f"{dx * 1e9:.0f} nm: limited by the {limit}"))
+    limit_z = "voxel size" if dz > axial_m / 2 else "missing cone (objective NA)"
+    out.append(Finding(False, f"axial resolution ~{axial_m * 1e9:.0f} nm (lambda/(n-sqrt(n^2-NA^2))), voxel "
+                              f"{dz * 1e9:.0f} nm: limited by the {limit_z}"))
+    return out
 
 
 def _preset(hologram_px: int, volume_shape, voxel_size_m) -> Geometry:

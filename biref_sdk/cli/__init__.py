@@ -9,6 +9,7 @@ import sys
 # subcommand modules, in the order ``biref --help`` lists them
 COMMANDS = (
     "simulate",
+    "geometry",
     "inspect",
     "train",
     "serve",

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from .geometry import add_geometry_argument
 from .serve import add_engine_arguments, make_reconstructor
 
 
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
                               description="Start the streaming service, stream one simulated acquisition through it "
                                           "over loopback TCP, save the volume it publishes and a figure.")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
-    p.add_argument("--preset", default="small", help="microscope preset (default small)")
+    add_geometry_argument(p)
     p.add_argument("--seed", type=int, default=0, help="which simulated sample")
     p.add_argument("--rate", type=float, default=100.0,
                    help="views per second, as a camera streams them (default 100; 0: as fast as possible, so the "
@@ -32,15 +33,16 @@ def run(args: argparse.Namespace) -> int:
     from ..files import write_volume
     from ..metrics import compare_volumes
     from ..streaming.client import Producer, ResultError, Subscriber
+    from ..files import read_geometry
     from ..streaming.microscope import SimulatedMicroscope
     from ..streaming.server import StreamingServer, safe_filename
     from ..streaming.service import ServiceConfig
     from ..viz import slices_figure
 
     reconstructor = make_reconstructor(args)
-    microscope = SimulatedMicroscope(args.preset, seed=args.seed, id_prefix="demo")
+    microscope = SimulatedMicroscope(read_geometry(args.geometry), seed=args.seed, id_prefix="demo")
     acquisition_id = microscope.acquisition_id(0)
-    print(f"simulating {acquisition_id} ({args.preset}: 2 x {microscope.geometry.n_views} holograms of "
+    print(f"simulating {acquisition_id} ({args.geometry}: 2 x {microscope.geometry.n_views} holograms of "
           f"{'x'.join(map(str, microscope.geometry.hologram_shape))})", flush=True)
     acquisition = microscope.acquisition(0)
 

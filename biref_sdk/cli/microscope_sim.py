@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .geometry import add_geometry_argument
+
 
 def register(subparsers) -> None:
     from ..streaming import DEFAULT_INGEST
@@ -11,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("microscope-sim", help="stream simulated acquisitions to a biref service",
                               description="Simulate random droplet samples and stream each acquisition (start with "
                                           "background, 2 x V views, stop) to a service's ingest socket.")
-    p.add_argument("--preset", default="small", help="microscope preset (default small)")
+    add_geometry_argument(p)
     p.add_argument("--n", type=int, default=1, help="number of acquisitions (default 1)")
     p.add_argument("--rate", type=float, default=None, help="views per second (default: as fast as the service takes them)")
     p.add_argument("--connect", default=DEFAULT_INGEST, help=f"the service's ingest endpoint (default {DEFAULT_INGEST})")
@@ -34,13 +36,14 @@ def curve_client(args):
 
 def run(args: argparse.Namespace) -> int:
     from ..streaming.client import Producer
+    from ..files import read_geometry
     from ..streaming.microscope import SimulatedMicroscope
 
     if args.n < 1:
         raise ValueError("--n must be >= 1")
     if args.rate is not None and args.rate <= 0:
         raise ValueError("--rate must be positive")
-    microscope = SimulatedMicroscope(args.preset, seed=args.seed)
+    microscope = SimulatedMicroscope(read_geometry(args.geometry), seed=args.seed)
 
     def report(timing):
         seconds = timing["last_view_sent_s"] - timing["first_view_sent_s"]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from .geometry import add_geometry_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="simulate holograms of droplets (a data set) or of a volume file",
                               description="Simulate the DTT microscope. Without --sample: a data set file of --n "
                                           "random liquid-crystal droplet samples. With --sample VOL.h5: one "
                                           "acquisition file of that volume.")
-    p.add_argument("--preset", default="small", help="microscope preset: small or paper (default small)")
+    add_geometry_argument(p)
     p.add_argument("--n", type=int, default=1, help="number of random samples (data set mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", help="volume file to image instead of random droplets")
@@ -27,13 +29,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..files import read_volume, write_acquisition
-    from ..geometry import preset
+    from ..files import read_geometry, read_volume, write_acquisition
     from ..holography import CameraConfig
     from ..samples import DropletDistribution
     from ..simulate import SimulationConfig, Simulator, simulate_dataset
 
-    geometry = preset(args.preset)
+    geometry = read_geometry(args.geometry)
     distribution = DropletDistribution(max_droplets=args.max_droplets)
     if args.configurations:
         distribution = dataclasses.replace(distribution, configurations=tuple(args.configurations.split(",")))
@@ -43,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
         simulator = Simulator(geometry, config, args.device)
         acquisition = simulator.acquire(read_volume(args.sample), seed=args.seed)
         acquisition.parameters["sample_file"] = str(args.sample)
-        acquisition.parameters["preset"] = args.preset
+        acquisition.parameters["geometry"] = str(args.geometry)
         write_acquisition(args.out, acquisition)
         print(f"wrote acquisition {args.out}: holograms {acquisition.holograms.shape}")
     else:
         simulate_dataset(args.out, geometry, args.n, args.seed, config, args.device)
-        print(f"wrote data set {args.out}: {args.n} samples, preset {args.preset}")
+        print(f"wrote data set {args.out}: {args.n} samples, geometry {args.geometry}")
     return 0

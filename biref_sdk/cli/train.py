@@ -15,6 +15,9 @@ def register(subparsers) -> None:
                    help="training data set file (HDF5, biref simulate); repeat it for several files of one geometry")
     p.add_argument("--val", required=True, help="validation data set file, same geometry")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--geometry", metavar="PRESET|FILE",
+                   help="the microscope the model is for (preset, JSON geometry or acquisition file): refuse data "
+                        "of any other geometry (the model records the data's geometry and serves only it)")
     p.add_argument("--epochs", type=int, default=50, help="total epochs (default 50, the paper's)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
@@ -53,6 +56,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import Dataset, read_geometry
     from ..training import TrainConfig, train
 
     for name in ("epochs", "batch_size"):
@@ -60,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         raise ValueError("--lr must be positive")
+    if args.geometry:
+        wanted = read_geometry(args.geometry)
+        for path in (*args.data, args.val):
+            if Dataset(path).geometry != wanted:
+                raise ValueError(f"{path} was simulated for another geometry than {args.geometry}; make the data "
+                                 f"with: biref simulate --geometry {args.geometry} --n N --out FILE")
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                          q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
                          window_length=args.window_length,

@@ -31,12 +31,19 @@ from .base import ReconstructionSession, Reconstructor
 
 class ModelSession(ReconstructionSession):
     def __init__(self, reconstructor: "ModelReconstructor", geometry: Geometry, background: np.ndarray) -> None:
-        from ..network.io import check_geometry
+        from ..network.io import GeometryMismatchError, check_geometry
         from ..network.preprocess import InputPreprocessor
 
         super().__init__(geometry)
         model = reconstructor.model
-        check_geometry(model.geometry, geometry)
+        try:
+            check_geometry(model.geometry, geometry)
+        except GeometryMismatchError as error:
+            raise GeometryMismatchError(
+                f"{error}. To make a model for this microscope: biref geometry write ACQUISITION.h5 --out geometry.json; "
+                "biref simulate --geometry geometry.json --n N --out train.h5 (and a val.h5); biref train --geometry "
+                "geometry.json --data train.h5 --val val.h5 --out MODEL_DIR (docs/vendor-geometry.md); "
+                "or use --method formula") from None
         self._model = model
         self._engine = reconstructor.engine
         config = model.config
