@@ -55,8 +55,11 @@ def test_streamed_volume_equals_the_offline_reconstruction(microscope, offline):
             # as microscope-sim sends it, then with per-view background messages and views shuffled
             sent = microscope.stream(producer, 1)[0]
             producer.send_acquisition(acquisition, "shuffled", background="messages", order=shuffled)
-            first = subscriber.wait_volume(sent["acquisition_id"], DEADLINE_S)
-            second = subscriber.wait_volume("shuffled", DEADLINE_S)
+            # acquisitions reconstruct side by side: their volumes may come in either order
+            volumes = {}
+            subscriber.wait_for(lambda r: r.topic == "volume" and volumes.setdefault(r.acquisition_id, r)
+                                and len(volumes) == 2, DEADLINE_S)
+            first, second = volumes[sent["acquisition_id"]], volumes["shuffled"]
         status = server.status()
     for result in (first, second):
         assert result.header["complete"] and result.header["views_used"] == 74

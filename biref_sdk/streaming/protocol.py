@@ -363,15 +363,114 @@ def payload_array(header: Header, index: int, buffer) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+class PayloadFrames:
+    """Where :func:`receive_message` reads payload frames from: here a list of bytes-like frames (the
+    in-process ``submit_frames`` and :func:`decode_message`); the ZeroMQ server gives its socket the
+    same three methods, so both read the wire through one decoder."""
+
+    def __init__(self, frames) -> None:
+        self._frames = list(frames)
+        self._next = 0
+
+    def more(self) -> bool:
+        return self._next < len(self._frames)
+
+    def read_into(self, buffer: np.ndarray) -> int:
+        """Copy the next frame into ``buffer`` if it has exactly its size; return the frame's size."""
+        frame = memoryview(self._frames[self._next]).cast("B")
+        self._next += 1
+        if frame.nbytes == buffer.nbytes:
+            buffer[:] = np.frombuffer(frame, dtype=np.uint8)
+        return frame.nbytes
+
+    def skip_rest(self) -> int:
+        n = len(self._frames) - self._next
+        self._next = len(self._frames)
+        return n
+
+
+def receive_message(header_frame, payloads, take, give, limits: Limits = DEFAULT_LIMITS,
+                    received_s: float | None = None) -> tuple[Message, list]:
+    """The one decoder of ingest messages from bytes: validate the header, then read each payload
+    frame into a buffer from ``take(nbytes)`` (sizes are checked before anything is allocated), and
+    build the typed message over those buffers. Returns the message and the buffers it lives in.
+    On a :class:`ProtocolError` the rest of the message is skipped and the buffers go back through
+    ``give`` before the error is raised."""
+    received_s = time.perf_counter() if received_s is None else received_s
+    buffers, arrays = [], []
+    try:
+        header = parse_header(header_frame, limits)
+        allowed = expected_frame_counts(header)
+        while payloads.more():
+            index = len(arrays)
+            if index >= max(allowed):
+                extra = payloads.skip_rest()
+                raise ProtocolError("frame_count", f"{header.type} takes at most {max(allowed)} payload "
+                                    f"frame(s), got {index + extra}", header.acquisition_id, header.type)
+            check_payload(header, index + 1, limits)   # the size limit, before allocating
+            expected = header.payload_nbytes(index)
+            buffer = take(expected)
+            buffers.append(buffer)
+            got = payloads.read_into(buffer)
+            if got != expected:
+                raise ProtocolError("size_mismatch", f"payload frame {index} has {got} bytes, header announces "
+                                    f"{list(header.payload[index][0])} {header.payload[index][1].name} = "
+                                    f"{expected} bytes", header.acquisition_id, header.type)
+            shape, dtype = header.payload[index]
+            arrays.append(buffer.view(dtype).reshape(shape))
+        check_payload(header, len(arrays), limits)
+        return build_message(header, arrays, received_s), buffers
+    except BaseException:
+        payloads.skip_rest()
+        for buffer in buffers:
+            give(buffer)
+        raise
+
+
 def decode_message(frames, limits: Limits = DEFAULT_LIMITS, received_s: float | None = None) -> Message:
-    """Validate and decode a whole multipart message (a list of bytes-like frames). Payload arrays
-    are read-only views of the frames, not copies."""
+    """Validate and decode a whole multipart message (a list of bytes-like frames) through
+    :func:`receive_message`; payload arrays are copies in new buffers."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise ProtocolError("malformed", "a message needs at least a header frame")
-    header = parse_header(frames[0], limits)
-    check_payload(header, len(frames) - 1, limits)
-    arrays = [payload_array(header, i, frame) for i, frame in enumerate(frames[1:])]
-    return build_message(header, arrays, received_s)
+    message, _ = receive_message(frames[0], PayloadFrames(frames[1:]), lambda n: np.empty(n, np.uint8),
+                                 lambda buffer: None, limits, received_s)
+    return message
+
+
+def start_message(acquisition_id: str, geometry: Geometry, dtype, background=None,
+                  limits: Limits = DEFAULT_LIMITS) -> Start:
+    """A typed ``start`` from Python values (the in-process API), checked against the same limits as
+    a ``start`` header from the wire, without encoding it: ``acquisition_id``, views, frame side,
+    volume size, dtype, and the inline background's size."""
+    message_type = "start"
+    acquisition_id = _acquisition_id({"acquisition_id": acquisition_id}, message_type, limits)
+    dtype = np.dtype(dtype)
+    if dtype.name not in WIRE_DTYPES:
+        raise ProtocolError("invalid_field", f"dtype must be one of {', '.join(WIRE_DTYPES)}, got {dtype}",
+                            acquisition_id, message_type)
+    if not isinstance(geometry, Geometry):
+        raise ProtocolError("invalid_field", "geometry must be a biref_sdk.geometry.Geometry", acquisition_id,
+                            message_type)
+    if geometry.n_views > limits.max_views:
+        raise ProtocolError("too_large", f"{geometry.n_views} illuminations exceed the limit {limits.max_views}",
+                            acquisition_id, message_type)
+    if max(geometry.hologram_shape) > limits.max_hologram_side:
+        raise ProtocolError("too_large", f"frames {list(geometry.hologram_shape)} exceed the side limit "
+                            f"{limits.max_hologram_side}", acquisition_id, message_type)
+    if math.prod(geometry.volume_shape) > limits.max_volume_voxels:
+        raise ProtocolError("too_large", f"volume {list(geometry.volume_shape)} exceeds {limits.max_volume_voxels} "
+                            "voxels", acquisition_id, message_type)
+    wire = WIRE_DTYPES[dtype.name]
+    if background is not None:
+        expected = (2, geometry.n_views, *geometry.hologram_shape)
+        if tuple(np.shape(background)) != expected:
+            raise ProtocolError("shape_mismatch", f"background {list(np.shape(background))}, expected {list(expected)}",
+                                acquisition_id, message_type)
+        nbytes = math.prod(expected) * wire.itemsize
+        if nbytes > limits.max_frame_bytes:
+            raise ProtocolError("too_large", f"payload of {nbytes} bytes exceeds the limit {limits.max_frame_bytes}",
+                                acquisition_id, message_type)
+    return Start(acquisition_id, geometry, wire, background)
 
 
 # -- encoding (microscope side) --------------------------------------------------------------------

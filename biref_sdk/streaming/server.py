@@ -251,45 +251,18 @@ class StreamingServer:
 
     def _receive_message(self, header_frame) -> None:
         received_s = time.perf_counter()
-        nbytes = len(header_frame)
-        buffers, arrays = [], []
+        payloads = _SocketPayloads(self._pull)
         try:
-            header = protocol.parse_header(header_frame.buffer, self.limits)
-            allowed = protocol.expected_frame_counts(header)
-            while self._pull.rcvmore:
-                index = len(arrays)
-                if index >= max(allowed):
-                    extra = self._drain()
-                    raise ProtocolError("frame_count", f"{header.type} takes at most {max(allowed)} payload "
-                                        f"frame(s), got {index + extra}", header.acquisition_id, header.type)
-                protocol.check_payload(header, index + 1, self.limits)   # size limit before allocating
-                expected = header.payload_nbytes(index)
-                buffer = self._take(expected)
-                buffers.append(buffer)
-                got = self._pull.recv_into(buffer)
-                nbytes += got
-                if got != expected:
-                    raise ProtocolError("size_mismatch", f"payload frame {index} has {got} bytes, header announces "
-                                        f"{expected}", header.acquisition_id, header.type)
-                shape, dtype = header.payload[index]
-                arrays.append(buffer.view(dtype).reshape(shape))
-            protocol.check_payload(header, len(arrays), self.limits)
-            message = protocol.build_message(header, arrays, received_s)
+            message, buffers = protocol.receive_message(header_frame.buffer, payloads, self._take,
+                                                        self.service.pool.give, self.limits, received_s)
         except ProtocolError as error:
-            self._drain()
-            for buffer in buffers:
-                self.service.pool.give(buffer)
-            self.service.count("bytes_received", nbytes)
+            self.service.count("bytes_received", len(header_frame) + payloads.nbytes)
             self.service.report(StreamError.from_protocol_error(error), cancel=self._stopping)
             return
-        except BaseException:
-            for buffer in buffers:
-                self.service.pool.give(buffer)
-            raise
-        self.service.count("bytes_received", nbytes)
+        self.service.count("bytes_received", len(header_frame) + payloads.nbytes)
         self.service.submit(message, buffers, cancel=self._stopping)
 
-    # -- worker-thread callbacks: publish -----------------------------------------------------------
+    # -- publisher-thread callbacks: publish -----------------------------------------------------------
     def _publish(self, topic: str, header: dict, volume=None) -> None:
         header = {"seq": self._seq[topic], "time_unix_s": time.time(), **header}
         self._seq[topic] += 1
@@ -335,3 +308,27 @@ class StreamingServer:
             except Exception as error:
                 self._net["save_errors"] += 1
                 log.error("could not save the volume of %r: %s", acquisition_id, error)
+
+
+class _SocketPayloads:
+    """The payload frames of the message being received on a PULL socket, read straight into the
+    buffers the decoder takes (no intermediate copy): :class:`protocol.PayloadFrames`' methods."""
+
+    def __init__(self, socket) -> None:
+        self._socket = socket
+        self.nbytes = 0
+
+    def more(self) -> bool:
+        return bool(self._socket.rcvmore)
+
+    def read_into(self, buffer) -> int:
+        got = self._socket.recv_into(buffer)
+        self.nbytes += got
+        return got
+
+    def skip_rest(self) -> int:
+        n = 0
+        while self._socket.rcvmore:
+            self.nbytes += len(self._socket.recv(copy=False))
+            n += 1
+        return n
