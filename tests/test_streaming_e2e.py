@@ -114,3 +114,22 @@ def test_demo_command_streams_to_a_volume_file_and_a_figure(tmp_path, capsys):
     assert volume.shape == (32, 64, 64) and volume.parameters["streaming"]["complete"]
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
     assert "ms after the last view arrived" in printed and "PSNR n_e" in printed
+
+
+def test_concurrent_model_sessions_give_the_offline_volumes():
+    from biref_sdk.streaming.service import AcquisitionService
+
+    microscope = SimulatedMicroscope("small", seed=0)
+    acquisitions = [microscope.acquisition(i) for i in range(2)]
+    reconstructor = get_reconstructor("model", quarter_turns=False)
+    offline = [reconstructor.reconstruct(a) for a in acquisitions]
+    with AcquisitionService(reconstructor, ServiceConfig(workers=2, acquisition_timeout_s=DEADLINE_S)) as service:
+        handles = [service.open(f"a{i}", a.geometry, background=a.background) for i, a in enumerate(acquisitions)]
+        for p in range(2):
+            for v in range(acquisitions[0].geometry.n_views):
+                for handle, acquisition in zip(handles, acquisitions):   # both sessions encode side by side
+                    handle.add_view(p, v, acquisition.holograms[p, v])
+        results = [handle.result(DEADLINE_S) for handle in handles]
+    for result, volume in zip(results, offline):
+        np.testing.assert_array_equal(result.volume.ne, volume.ne)
+        np.testing.assert_array_equal(result.volume.no, volume.no)

@@ -308,3 +308,38 @@ def test_previews_while_views_arrive():
     np.testing.assert_allclose(streamed_means(previews[0].volume, GEOMETRY), expected_view_means(acquisition, present),
                                rtol=1e-6)
     assert final.complete
+
+
+def test_a_small_acquisition_finishes_while_a_large_one_still_reconstructs(make_service):
+    import threading
+
+    from test_streaming_support import ViewMeanSession
+
+    release = threading.Event()
+    large_geometry = tiny_geometry(n_views=4)
+
+    class SlowForLarge(ViewMeanReconstructor):
+        def start(self, geometry, background):
+            session = ViewMeanSession(self, geometry, background)
+            if geometry.n_views == 4:   # the large acquisition's finalize takes until released
+                finalize = session.finalize
+                session.finalize = lambda allow_missing=False: (release.wait(DEADLINE_S), finalize(allow_missing))[1]
+            return session
+
+    service, _ = make_service(SlowForLarge(), ServiceConfig(workers=2, acquisition_timeout_s=DEADLINE_S))
+    try:
+        large = random_acquisition(large_geometry, seed=5)
+        large_handle = service.open("large", large_geometry, background=large.background)
+        stream(large_handle, large)
+        wait_until(lambda: service.status()["workers_busy"] == 1, DEADLINE_S)   # large is finalizing
+        small = random_acquisition(GEOMETRY, seed=6)
+        small_handle = service.open("small", GEOMETRY, background=small.background)
+        stream(small_handle, small)
+        assert small_handle.result(DEADLINE_S).complete   # not behind the large one
+        with pytest.raises(TimeoutError):
+            large_handle.result(0.05)
+        release.set()
+        assert large_handle.result(DEADLINE_S).complete
+        assert service.status()["workers"] == 2
+    finally:
+        release.set()

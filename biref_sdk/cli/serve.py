@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--memory-mb", type=float, default=2048,
                    help="memory budget of the service, queue included (default 2048): an acquisition starts only if "
                         "its footprint fits in what the others leave (docs/protocol.md, Admission)")
+    p.add_argument("--workers", type=int, help="reconstruction threads: acquisitions reconstructed side by side "
+                                            "(default: the CPU cores, at most --max-in-flight; docs/protocol.md)")
     p.add_argument("--status-interval", type=float, default=1.0, help="seconds between status heartbeats")
     p.add_argument("--preview-every", type=int, default=0, help="publish a preview volume every N views (0: off)")
     add_curve_server_arguments(p)
@@ -81,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
     config = ServiceConfig(acquisition_timeout_s=args.timeout, partial_on_timeout=args.partial_on_timeout,
                            max_in_flight=args.max_in_flight, queue_bytes=queue_bytes,
                            status_interval_s=args.status_interval, preview_every=args.preview_every, limits=limits,
-                           memory_bytes=int(args.memory_mb * 1024 * 1024))
+                           memory_bytes=int(args.memory_mb * 1024 * 1024), workers=args.workers)
     curve = curve_server(args)
     reconstructor = make_reconstructor(args)
     # per-volume and per-error lines go through non-blocking handlers: an unread pipe drops lines,
-    # it never stalls the worker thread that calls on_volume/on_error
+    # it never stalls the publisher thread that calls on_volume/on_error
     handlers = _logging.configure(sys.stderr, sys.stdout)
     output = logging.getLogger("biref.serve")
 
