@@ -17,7 +17,7 @@ from biref_sdk.streaming import protocol
 from biref_sdk.streaming.client import Producer, ResultError, Subscriber
 from biref_sdk.streaming.protocol import Limits
 from biref_sdk.streaming.service import ServiceConfig
-from test_streaming_support import (DEADLINE_S, ViewMeanReconstructor, expected_view_means,
+from test_streaming_support import (wire, DEADLINE_S, ViewMeanReconstructor, expected_view_means,
                                     random_acquisition, streamed_means, tiny_geometry, wait_until)
 
 GEOMETRY = tiny_geometry()
@@ -34,9 +34,6 @@ def connect(server, context, **options):
     subscriber.wait_ready(DEADLINE_S)
     return producer, subscriber
 
-
-def wire(frames):
-    return [bytes(memoryview(f)) for f in frames]
 
 
 def test_bad_messages_get_their_reasons_on_the_error_topic_and_good_ones_still_work(make_server, context):

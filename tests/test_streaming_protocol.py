@@ -10,14 +10,10 @@ from hypothesis import strategies as st
 from biref_sdk.files import Volume
 from biref_sdk.streaming import protocol
 from biref_sdk.streaming.protocol import Frame, Limits, ProtocolError, Start, Stop
-from test_streaming_support import tiny_geometry
+from test_streaming_support import wire, tiny_geometry
 
 GEOMETRY = tiny_geometry()
 
-
-def frames_of(message_frames):
-    """What a receiver sees: every frame as bytes."""
-    return [bytes(memoryview(f)) for f in message_frames]
 
 
 def header_of(frames) -> dict:
@@ -36,7 +32,7 @@ def with_header(frames, **changes):
 
 def view_frames(frame=None, **changes):
     frame = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) if frame is None else frame
-    return with_header(frames_of(protocol.encode_frame("view", "acq-1", 1, 2, frame)), **changes)
+    return with_header(wire(protocol.encode_frame("view", "acq-1", 1, 2, frame)), **changes)
 
 
 def reason_of(frames, limits=protocol.DEFAULT_LIMITS) -> str:
@@ -48,7 +44,7 @@ def reason_of(frames, limits=protocol.DEFAULT_LIMITS) -> str:
 # -- round trips ---------------------------------------------------------------------------------------
 def test_start_round_trip_with_inline_background():
     background = np.random.default_rng(0).integers(0, 60000, (2, 3, 32, 32)).astype(np.uint16)
-    message = protocol.decode_message(frames_of(protocol.encode_start("acq-1", GEOMETRY, "uint16", background)))
+    message = protocol.decode_message(wire(protocol.encode_start("acq-1", GEOMETRY, "uint16", background)))
     assert isinstance(message, Start)
     assert message.acquisition_id == "acq-1"
     assert message.geometry == GEOMETRY
@@ -57,9 +53,9 @@ def test_start_round_trip_with_inline_background():
 
 
 def test_start_without_background_and_stop():
-    start = protocol.decode_message(frames_of(protocol.encode_start("a", GEOMETRY, "float32")))
+    start = protocol.decode_message(wire(protocol.encode_start("a", GEOMETRY, "float32")))
     assert start.background is None and start.dtype == np.dtype("<f4")
-    stop = protocol.decode_message(frames_of(protocol.encode_stop("a")))
+    stop = protocol.decode_message(wire(protocol.encode_stop("a")))
     assert isinstance(stop, Stop) and stop.acquisition_id == "a"
 
 
@@ -67,7 +63,7 @@ def test_start_without_background_and_stop():
 def test_view_and_background_round_trip_every_wire_dtype(dtype):
     frame = (np.random.default_rng(1).random((5, 7)) * 200).astype(dtype)
     for kind in ("view", "background"):
-        message = protocol.decode_message(frames_of(protocol.encode_frame(kind, "x", 0, 4, frame)))
+        message = protocol.decode_message(wire(protocol.encode_frame(kind, "x", 0, 4, frame)))
         assert isinstance(message, Frame) and message.type == kind
         assert (message.polarization, message.view) == (0, 4)
         np.testing.assert_array_equal(message.frame, frame)
@@ -75,9 +71,9 @@ def test_view_and_background_round_trip_every_wire_dtype(dtype):
 
 def test_big_endian_and_strided_frames_travel_as_little_endian_c_order():
     frame = np.arange(12, dtype=">u2").reshape(3, 4)[:, ::2]
-    wire = protocol.encode_frame("view", "x", 0, 0, frame)
-    assert bytes(memoryview(wire[1])) == np.ascontiguousarray(frame, dtype="<u2").tobytes()
-    np.testing.assert_array_equal(protocol.decode_message(frames_of(wire)).frame, frame)
+    encoded = protocol.encode_frame("view", "x", 0, 0, frame)
+    assert bytes(memoryview(encoded[1])) == np.ascontiguousarray(frame, dtype="<u2").tobytes()
+    np.testing.assert_array_equal(protocol.decode_message(wire(encoded)).frame, frame)
 
 
 def test_encoder_refuses_lossy_conversions():
@@ -93,13 +89,13 @@ def test_result_round_trip():
     rng = np.random.default_rng(2)
     volume = Volume(rng.random((4, 5, 6)), rng.random((4, 5, 6)), rng.random((3, 4, 5, 6)), (1e-7, 5e-8, 5e-8), 1.54,
                     {"method": "x"})
-    frames = frames_of(protocol.encode_result("volume", {"seq": 3, "acquisition_id": "a"}, volume))
+    frames = wire(protocol.encode_result("volume", {"seq": 3, "acquisition_id": "a"}, volume))
     result = protocol.decode_result(frames)
     assert result.topic == "volume" and result.acquisition_id == "a" and result.header["seq"] == 3
     for name in ("ne", "no", "director"):
         np.testing.assert_array_equal(getattr(result.volume, name), getattr(volume, name))
     assert result.volume.parameters == {"method": "x"}
-    status = protocol.decode_result(frames_of(protocol.encode_result("status", {"seq": 0, "volumes": 5})))
+    status = protocol.decode_result(wire(protocol.encode_result("status", {"seq": 0, "volumes": 5})))
     assert status.volume is None and status.header["volumes"] == 5
 
 
@@ -132,14 +128,14 @@ def test_payload_faults_have_defined_reasons():
     assert reason_of([frames[0], frames[1][:-2]]) == "size_mismatch"
     assert reason_of([frames[0], frames[1] + b"\0\0"]) == "size_mismatch"
     assert reason_of(view_frames(dtype="float32")) == "size_mismatch"     # 32x32 uint16 bytes as float32
-    assert reason_of(frames_of(protocol.encode_stop("a")) + [b"x"]) == "frame_count"
+    assert reason_of(wire(protocol.encode_stop("a")) + [b"x"]) == "frame_count"
     big = view_frames(shape=[4096, 4096], dtype="float32")               # 64 MiB announced
     assert reason_of(big, Limits(max_frame_bytes=1 << 20)) == "too_large"
     assert reason_of(view_frames(shape=[9000, 10])) == "too_large"
 
 
 def test_start_faults_have_defined_reasons():
-    good = frames_of(protocol.encode_start("a", GEOMETRY))
+    good = wire(protocol.encode_start("a", GEOMETRY))
     geometry = header_of(good)["geometry"]
     assert reason_of(with_header(good, n_views=4)) == "invalid_field"
     assert reason_of(with_header(good, geometry={**geometry, "na_objective": 2.0})) == "bad_geometry"
@@ -152,7 +148,7 @@ def test_start_faults_have_defined_reasons():
     assert reason_of(with_header(good, geometry=[1, 2])) == "invalid_field"
     assert reason_of(good + [b"\0" * 10]) == "size_mismatch"                  # background of the wrong size
     background = np.zeros((2, 3, 32, 32), np.uint16)
-    inline = frames_of(protocol.encode_start("a", GEOMETRY, background=background))
+    inline = wire(protocol.encode_start("a", GEOMETRY, background=background))
     assert reason_of(inline, Limits(max_frame_bytes=1000)) == "too_large"
     error = pytest.raises(ProtocolError, protocol.decode_message, with_header(good, n_views=4)).value
     assert (error.acquisition_id, error.message_type) == ("a", "start")
@@ -199,11 +195,11 @@ def test_fuzz_arbitrary_msgpack_headers(header, payload):
        st.integers(0, 400), st.integers(0, 255), st.integers(-3, 3))
 def test_fuzz_mutated_valid_messages(kind, key, value, position, byte, payload_delta):
     if kind == "start":
-        frames = frames_of(protocol.encode_start("a", GEOMETRY, background=np.ones((2, 3, 32, 32), np.uint16)))
+        frames = wire(protocol.encode_start("a", GEOMETRY, background=np.ones((2, 3, 32, 32), np.uint16)))
     elif kind == "stop":
-        frames = frames_of(protocol.encode_stop("a"))
+        frames = wire(protocol.encode_stop("a"))
     else:
-        frames = frames_of(protocol.encode_frame(kind, "a", 0, 1, np.ones((32, 32), np.uint16)))
+        frames = wire(protocol.encode_frame(kind, "a", 0, 1, np.ones((32, 32), np.uint16)))
     _decode_or_protocol_error(with_header(frames, **{key: value}))          # one field replaced
     raw = bytearray(frames[0])
     raw[position % len(raw)] = byte                                           # one header byte flipped
@@ -231,6 +227,6 @@ def test_fuzz_result_decoder(frames, header):
        st.integers(0, 1023), st.text(min_size=1, max_size=20).filter(str.isprintable), st.integers(0, 2**32 - 1))
 def test_fuzz_valid_views_round_trip_exactly(dtype, h, w, polarization, view, acquisition_id, seed):
     frame = np.random.default_rng(seed).integers(0, 255, (h, w)).astype(dtype)
-    message = protocol.decode_message(frames_of(protocol.encode_frame("view", acquisition_id, polarization, view, frame)))
+    message = protocol.decode_message(wire(protocol.encode_frame("view", acquisition_id, polarization, view, frame)))
     assert (message.acquisition_id, message.polarization, message.view) == (acquisition_id, polarization, view)
     np.testing.assert_array_equal(message.frame, frame)

@@ -10,7 +10,7 @@ from biref_sdk.streaming import protocol
 from biref_sdk.streaming.protocol import Limits
 from biref_sdk.streaming.service import (AcquisitionFailed, AcquisitionService, BufferPool, ServiceClosed,
                                          ServiceConfig)
-from test_streaming_support import (DEADLINE_S, Collector, ViewMeanReconstructor, expected_view_means,
+from test_streaming_support import (wire, DEADLINE_S, Collector, ViewMeanReconstructor, expected_view_means,
                                     random_acquisition, streamed_means, tiny_geometry, wait_until)
 
 GEOMETRY = tiny_geometry()
@@ -25,9 +25,6 @@ def stream(handle, acquisition, order=None):
     for p, v in order:
         handle.add_view(p, v, acquisition.holograms[p, v])
 
-
-def wire(frames):
-    return [bytes(memoryview(f)) for f in frames]
 
 
 def test_complete_acquisition_gives_the_volume_of_exactly_its_views(make_service):

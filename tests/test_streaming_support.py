@@ -20,6 +20,11 @@ from biref_sdk.reconstruction.base import ReconstructionSession, Reconstructor
 DEADLINE_S = 20.0   # upper bound for any single wait in these tests; normal runs take milliseconds
 
 
+def wire(message_frames) -> list[bytes]:
+    """What a receiver sees of an encoded message: every frame as bytes."""
+    return [bytes(memoryview(f)) for f in message_frames]
+
+
 def tiny_geometry(n_views: int = 3, side: int = 32, volume_shape=(4, 8, 8)):
     base = preset("small")
     return base.replace(illumination_sines=base.sines[:n_views], hologram_shape=(side, side), volume_shape=volume_shape)
