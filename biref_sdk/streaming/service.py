@@ -255,6 +255,8 @@ class AcquisitionService:
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_messages)
         self._outbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
+        self._progress = threading.Condition()   # notified when an acquisition's worker goes idle
+        self._next_status = time.monotonic()
         self._counters = collections.Counter()
         self._errors = collections.Counter()
         self._slots: dict[str, _Slot] = {}
@@ -440,15 +442,14 @@ class AcquisitionService:
 
     # -- dispatcher thread: admission, routing, timeouts ------------------------------------------------
     def _dispatch_loop(self) -> None:
-        next_status = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
-                if now >= next_status:
+                if now >= self._next_status:
                     self._outbox.put(Publish("on_status", self.status()))
-                    next_status = now + self.config.status_interval_s
+                    self._next_status = now + self.config.status_interval_s
                 try:
-                    item = self._queue.get(timeout=max(0.0, min(next_status - now, 0.05)))
+                    item = self._queue.get(timeout=max(0.0, min(self._next_status - now, 0.05)))
                 except queue.Empty:
                     item = None
                 if isinstance(item, Shutdown):
@@ -468,7 +469,7 @@ class AcquisitionService:
         delivered = False   # a delivered item's buffers are the worker's to give back
         try:
             if isinstance(message, Start):
-                delivered = self._admit(message) and self._deliver(message.acquisition_id, item)
+                delivered = self._admit_when_settled(message) and self._deliver(message.acquisition_id, item)
             else:
                 delivered = self._deliver(message.acquisition_id, item)
                 if not delivered:
@@ -481,23 +482,45 @@ class AcquisitionService:
             if not delivered:
                 self._give_back(item)
 
-    def _admit(self, start: Start) -> bool:
-        """Admission: the id is free, and the whole footprint fits the memory budget now."""
+    def _admit_when_settled(self, start: Start) -> bool:
+        """Admit ``start`` as a single worker would have: a start that does not fit now, while
+        acquisitions in flight still have messages being handled (which may finish them), waits
+        until they are handled -- the dispatcher stops routing meanwhile, so ingest meets
+        back-pressure as it would behind one busy worker; a start still refused then is refused."""
+        while True:
+            admitted = self._admit(start)
+            if admitted is not None:
+                return admitted
+            with self._progress:
+                self._progress.wait(0.05)
+            now = time.monotonic()
+            if now >= self._next_status:
+                self._outbox.put(Publish("on_status", self.status()))
+                self._next_status = now + self.config.status_interval_s
+            self._expire_idle(time.perf_counter())
+
+    def _admit(self, start: Start) -> bool | None:
+        """Admission: the id is free, and the whole footprint fits the memory budget now. None: it
+        does not fit now, but work in progress may change that (see ``_admit_when_settled``)."""
         acquisition_id = start.acquisition_id
         with self._lock:
             in_flight, reserved = len(self._slots), self._reserved_bytes
             running = acquisition_id in self._slots
+            working = any(slot.busy or slot.inbox for slot in self._slots.values())
         if running:
             self._publish_error(StreamError.rejecting(start, "duplicate_start", "an acquisition with this id is in "
                                                       "flight; the first one continues"))
             return False
+        footprint = acquisition_footprint(start, self.reconstructor)
+        budget = self.config.memory_bytes - self.config.queue_bytes
+        busy_now = in_flight >= self.config.max_in_flight or reserved + footprint > budget
+        if busy_now and footprint <= budget and working:
+            return None
         if in_flight >= self.config.max_in_flight:
             self._publish_error(StreamError.rejecting(start, "too_many_acquisitions", f"{in_flight} acquisitions "
                                                       f"already in flight (max_in_flight={self.config.max_in_flight})",
                                                       fatal=True))
             return False
-        footprint = acquisition_footprint(start, self.reconstructor)
-        budget = self.config.memory_bytes - self.config.queue_bytes
         if footprint > budget:
             self._publish_error(StreamError.rejecting(start, "too_large", f"the acquisition needs about {footprint} "
                                                       "bytes, more than the service's memory budget for acquisitions "
@@ -567,8 +590,14 @@ class AcquisitionService:
             with self._lock:
                 if not slot.inbox:
                     slot.busy = False
-                    return
-                item = slot.inbox.popleft()
+                    idle = True
+                else:
+                    idle = False
+                    item = slot.inbox.popleft()
+            if idle:
+                with self._progress:
+                    self._progress.notify_all()
+                return
             try:
                 self._apply(slot, self._handle(slot.machine, item))
             except Exception as error:   # a bug must cost one message, not the worker
