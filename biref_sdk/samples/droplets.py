@@ -162,9 +162,11 @@ def random_droplets(rng: np.random.Generator, volume_extent_m, medium_index: flo
     # several droplets share the box: shrink them so that they fit side by side
     shrink = 1.0 / np.cbrt(n)
     droplets: list[Droplet] = []
-    for _ in range(200 * n):
+    for attempt in range(20 * 200 * n):
         if len(droplets) == n:
             break
+        if attempt and attempt % (200 * n) == 0:
+            droplets = []  # the first ones left no room for the rest: start the field again
         radius = rng.uniform(*distribution.radius_fraction) * half.min() * shrink
         aspect = 1.0
         if distribution.elongated_fraction > 0 and rng.uniform() < distribution.elongated_fraction:
