@@ -96,3 +96,24 @@ def test_a_broad_sample_records_its_category_and_voxelizes_a_spheroid():
     # extents along z and x measured on the voxel grid: 2 * 0.8 um and 2 * 0.5 um
     assert abs(inside.any(axis=(1, 2)).sum() * dz - 1.6e-6) <= 2 * dz
     assert abs(inside.any(axis=(0, 1)).sum() * dx - 1.0e-6) <= 2 * dx
+
+
+def test_simulate_writes_a_named_distribution_with_its_camera_settings(tmp_path):
+    import json
+
+    from biref_sdk.cli import main as biref
+    from biref_sdk.files import Dataset
+
+    out = tmp_path / "multi.h5"
+    assert biref(["simulate", "--preset", "small", "--distribution", "multi", "--n", "1", "--seed", "4",
+                  "--supersample", "1", "--reference-amplitude", "0.8", "--read-noise-e", "3.5", "--out", str(out)]) == 0
+    with Dataset(out) as data:
+        parameters = data.parameters if isinstance(data.parameters, dict) else json.loads(data.parameters)
+        assert parameters["simulator"]["droplets"] == "multi"
+        assert parameters["simulator"]["distributions"]["multi"]["max_droplets"] == 4
+        assert parameters["simulator"]["camera"]["reference_amplitude"] == 0.8
+        assert parameters["simulator"]["camera"]["read_noise_e"] == 3.5
+    with pytest.raises(SystemExit, match="not the broad mixture"):
+        biref(["simulate", "--preset", "small", "--distribution", "broad", "--max-droplets", "3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="unknown --distribution"):
+        biref(["simulate", "--preset", "small", "--distribution", "many", "--out", str(out)])
