@@ -82,9 +82,9 @@ def format_table(results: dict[str, dict]) -> str:
     one row per method."""
     columns = [("method", "{}"), ("PSNR ne (dB)", "{:.2f}"), ("PSNR no (dB)", "{:.2f}"), ("SSIM ne", "{:.4f}"),
                ("SSIM no", "{:.4f}"), ("RMSE ne", "{:.5f}"), ("RMSE no", "{:.5f}"), ("director (deg)", "{:.2f}"),
-               ("s/sample", "{:.3f}"), ("samples", "{}")]
+               ("iso |ne-no|", "{:.5f}"), ("s/sample", "{:.3f}"), ("samples", "{}")]
     keys = [None, "psnr_ne", "psnr_no", "ssim_ne", "ssim_no", "rmse_ne", "rmse_no", "director_error_deg",
-            "seconds_per_sample", "n_samples"]
+            "isotropic_core_birefringence", "seconds_per_sample", "n_samples"]
     rows = [[title for title, _ in columns]]
     for name, result in results.items():
         rows.append([name] + [fmt.format(result[key]) for (_, fmt), key in zip(columns[1:], keys[1:])])

@@ -24,10 +24,18 @@ class SimulationConfig:
     substeps: int = 1         # thin screens per voxel slice
     vector_scattering: bool = True  # high-NA vector Born correction (False: the plain Jones multi-slice)
     camera: CameraConfig = field(default_factory=CameraConfig)
-    droplets: DropletDistribution = field(default_factory=DropletDistribution)
+    # the random samples' distribution, or the name of one (samples.DISTRIBUTIONS, or "broad")
+    droplets: DropletDistribution | str = field(default_factory=DropletDistribution)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if isinstance(self.droplets, str):  # a name: record what it meant
+            from .samples.droplets import BROAD_MIXTURE, DISTRIBUTIONS
+            names = [n for _, n in BROAD_MIXTURE] if self.droplets == "broad" else [self.droplets]
+            out["distributions"] = {n: dataclasses.asdict(DISTRIBUTIONS[n]) for n in names}
+            if self.droplets == "broad":
+                out["mixture"] = [list(pair) for pair in BROAD_MIXTURE]
+        return out
 
 
 def _seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:

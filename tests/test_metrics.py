@@ -105,3 +105,15 @@ def test_metrics_reject_mismatched_shapes():
         metrics.psnr(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
     with pytest.raises(ValueError):
         metrics.ssim(np.zeros((5, 20, 20)), np.zeros((5, 20, 20)))  # smaller than the window
+
+
+def test_isotropic_core_birefringence_sees_false_birefringence_in_the_core_only():
+    z, y, x = np.meshgrid(*(np.arange(24) - 12,) * 3, indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    truth = np.where(r < 8, 1.55, 1.54)
+    shell = (r >= 7.5) & (r < 8)  # a surface shell, which the 2-voxel erosion leaves out
+    estimate_ne = truth + 0.003 * (r < 8) + 0.02 * shell
+    got = metrics.isotropic_core_birefringence(truth, truth, estimate_ne, truth, medium_index=1.54)
+    assert abs(got - 0.003) < 1e-9
+    assert metrics.isotropic_core_birefringence(truth, truth, truth, truth, 1.54) == 0.0
+    assert np.isnan(metrics.isotropic_core_birefringence(truth + 0.01, truth, truth, truth, 1.54))  # no isotropic particle

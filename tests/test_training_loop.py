@@ -212,15 +212,32 @@ def test_priors_kept_on_disk_are_reused_and_keyed_by_the_options(tiny_data, tmp_
 
     train = tiny_data[0]
     config = with_prior_options(config_for_geometry(tiny_geometry(), "tiny", window_length=2, prior="formula"))
-    first = HologramDataset(train, config, prior_cache=tmp_path / "priors")
+    first = HologramDataset(train, config, cache_dir=tmp_path / "priors")
     prior = first.prior(1)
     assert sorted(p.name for p in first.prior_folder.iterdir()) == ["000001.pt"]
-    second = HologramDataset(train, config, prior_cache=tmp_path / "priors")
+    second = HologramDataset(train, config, cache_dir=tmp_path / "priors")
     second._formula = "must not be used"  # a cached prior is read, not recomputed
     torch.testing.assert_close(second.prior(1), prior, rtol=0, atol=0)
     other = HologramDataset(train, config.replace(prior_options={**config.prior_options, "shrinkage": 0.0}),
-                            prior_cache=tmp_path / "priors")
+                            cache_dir=tmp_path / "priors")
     assert other.prior_folder != first.prior_folder
+
+
+def test_inputs_kept_on_disk_are_reused_not_held_in_memory(tmp_path):
+    from biref_sdk.network.config import config_for_geometry
+    from biref_sdk.training.data import HologramDataset
+
+    write_tiny_dataset(tmp_path / "a.h5", 2, seed=0, n_views=9)
+    config = config_for_geometry(tiny_geometry(n_views=9), "tiny", window_length=2)
+    first = HologramDataset(tmp_path / "a.h5", config, cache_dir=tmp_path / "cache", augment=True)
+    inputs = first._inputs(1)
+    assert sorted(p.name for p in first.input_folder.iterdir()) == ["000001.pt"]
+    assert first._cache == {}  # on disk only: memory stays bounded whatever the data set's size
+    second = HologramDataset(tmp_path / "a.h5", config, cache_dir=tmp_path / "cache", augment=True)
+    second.file = None  # a cached input is read from the cache, not demodulated from the file again
+    torch.testing.assert_close(second._inputs(1), inputs, rtol=0, atol=0)
+    windows = HologramDataset(tmp_path / "a.h5", config, cache_dir=tmp_path / "cache", augment=False)
+    assert windows.input_folder != first.input_folder  # windows, not per-view inputs: another key
 
 
 def test_quarter_turn_augmentation_and_several_training_files(tmp_path):

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     add_method_arguments(p, multiple=True)
     p.add_argument("--limit", type=int, help="only the first N samples")
     p.add_argument("--json", action="store_true", help="print JSON: {method: {psnr_ne, psnr_no, ssim_ne, ssim_no, "
-                                                       "rmse_ne, rmse_no, director_error_deg, seconds_per_sample, "
+                                                       "rmse_ne, rmse_no, director_error_deg, isotropic_core_birefringence, seconds_per_sample, "
                                                        "n_samples}}")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     p.set_defaults(func=run)

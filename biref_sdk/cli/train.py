@@ -37,8 +37,9 @@ def register(subparsers) -> None:
                    help="none: the paper's network; formula: the formula reconstruction of the same views "
                         "is a second input of the decoder's last block (with --init from a network without "
                         "it, its new weights start at zero). Default: the --init model's, else none")
-    p.add_argument("--prior-cache", metavar="DIR",
-                   help="keep the formula priors on disk in DIR (shared by torchrun processes and later runs)")
+    p.add_argument("--cache-dir", "--prior-cache", dest="cache_dir", metavar="DIR",
+                   help="keep the preprocessed inputs and formula priors on disk in DIR instead of memory (shared "
+                        "by torchrun processes and later runs; memory stays bounded). --prior-cache: the old name")
     p.add_argument("--augment", default="none", choices=("none", "quarter-turns"),
                    help="quarter-turns: turn each training sample by a random number of quarter turns about the "
                         "optical axis (inputs, truth and prior; an exact symmetry of the ring illumination)")
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                          q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
                          window_length=args.window_length,
-                         input_mode=args.input_mode, prior=args.prior, prior_cache=args.prior_cache, augment=args.augment,
+                         input_mode=args.input_mode, prior=args.prior, cache_dir=args.cache_dir, augment=args.augment,
                          num_workers=args.workers, cache=not args.no_cache,
                          amp=not args.no_amp, limit=args.limit, threads=args.threads)
     history = train(args.data, args.val, args.out, config, resume=args.resume, device=args.device,

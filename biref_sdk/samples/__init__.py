@@ -8,10 +8,11 @@ import torch
 
 from ..files import Volume
 from ..geometry import Geometry
-from .droplets import CONFIGURATIONS, Droplet, DropletDistribution, director_field, random_droplets
+from .droplets import (CONFIGURATIONS, DISTRIBUTIONS, Droplet, DropletDistribution, director_field,
+                       distribution_names, draw_distribution, random_droplets)
 from .tensor import eps6_to_volume, principal_indices, uniaxial_eps6, volume_to_eps6, voxelize_droplets
 
-__all__ = ["CONFIGURATIONS", "Droplet", "DropletDistribution", "Sample", "director_field", "droplet_sample",
+__all__ = ["CONFIGURATIONS", "DISTRIBUTIONS", "Droplet", "DropletDistribution", "distribution_names", "Sample", "director_field", "droplet_sample",
            "eps6_to_volume", "principal_indices", "random_sample", "sphere_sample", "uniaxial_eps6",
            "uniform_sample", "volume_sample", "volume_to_eps6", "voxelize_droplets"]
 
@@ -42,9 +43,17 @@ def droplet_sample(droplets: list[Droplet], geometry: Geometry, supersample: int
 
 
 def random_sample(rng: np.random.Generator, geometry: Geometry,
-                  distribution: DropletDistribution = DropletDistribution(), supersample: int = 3) -> Sample:
+                  distribution: DropletDistribution | str = DropletDistribution(), supersample: int = 3) -> Sample:
+    """A random sample of a distribution, or of a named one (``DISTRIBUTIONS`` or "broad", the
+    training mixture; the description then names the sample's category)."""
+    category = None
+    if isinstance(distribution, str):
+        category, distribution = draw_distribution(rng, distribution)
     extent = np.asarray(geometry.volume_shape) * np.asarray(geometry.voxel_size_m)
-    return droplet_sample(random_droplets(rng, extent, geometry.medium_index, distribution), geometry, supersample)
+    sample = droplet_sample(random_droplets(rng, extent, geometry.medium_index, distribution), geometry, supersample)
+    if category is not None:
+        sample.description["category"] = category
+    return sample
 
 
 def sphere_sample(geometry: Geometry, radius_m: float, index: float, center_m=(0.0, 0.0, 0.0),

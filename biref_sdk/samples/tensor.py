@@ -55,6 +55,16 @@ def voxel_centres_m(volume_shape, voxel_size_m) -> list[torch.Tensor]:
     return [(torch.arange(n, dtype=torch.float32) - n / 2) * d for n, d in zip(volume_shape, voxel_size_m)]
 
 
+def _inside(droplet: Droplet, offsets_m: torch.Tensor) -> torch.Tensor:
+    """Whether points at ``offsets_m`` [..., 3] from the centre lie in the droplet (a spheroid)."""
+    if droplet.aspect == 1.0:
+        return (offsets_m**2).sum(-1) <= droplet.radius_m**2
+    axis = torch.as_tensor(droplet.axis, dtype=offsets_m.dtype)
+    along = offsets_m @ axis
+    across2 = (offsets_m**2).sum(-1) - along**2
+    return across2 / droplet.radius_m**2 + (along / (droplet.aspect * droplet.radius_m)) ** 2 <= 1.0
+
+
 def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, medium_index: float,
                       supersample: int = 3, chunk_points: int = 1 << 21) -> torch.Tensor:
     """Voxel-averaged dielectric tensor [6, Z, Y, X] of droplets in a medium.
@@ -74,7 +84,7 @@ def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, mediu
         c_xyz = droplet.center_m
         lo_hi = []
         for axis, (coords, d, c) in enumerate(zip(centres, voxel_size_m, (c_xyz[2], c_xyz[1], c_xyz[0]))):
-            inside = torch.nonzero((coords - c).abs() <= droplet.radius_m + d).flatten()
+            inside = torch.nonzero((coords - c).abs() <= droplet.bounding_radius_m + d).flatten()
             if inside.numel() == 0:
                 break
             lo_hi.append((int(inside[0]), int(inside[-1]) + 1))
@@ -91,7 +101,7 @@ def voxelize_droplets(droplets: list[Droplet], volume_shape, voxel_size_m, mediu
             sub_z = (centres[0][za:zb, None] + offsets[None, :] * voxel_size_m[0]).reshape(-1)
             zz, yy, xx = torch.meshgrid(sub_z, sub_y, sub_x, indexing="ij")
             points = torch.stack([xx, yy, zz], -1)
-            inside = ((points - centre) ** 2).sum(-1) <= droplet.radius_m**2
+            inside = _inside(droplet, points - centre)
             lc = uniaxial_eps6(ne, no, director_field(droplet, points[inside]).T)  # [6, n_inside]
             lc[:3] -= medium_index**2  # contribution relative to the medium
             contrib = torch.zeros(6, *inside.shape, dtype=torch.float32)

@@ -62,7 +62,7 @@ class TrainConfig:
     # ``init`` from a network without the prior, the prior's new weights start at zero, so
     # training starts from that network's answers
     prior: str | None = None
-    prior_cache: str | None = None  # folder for priors on disk (HologramDataset)
+    cache_dir: str | None = None  # folder for cached inputs and priors on disk (HologramDataset)
     # "none" or "quarter-turns": each training item turned by a random number of quarter turns
     # about the optical axis (network.symmetry; an exact symmetry of the acquisition)
     augment: str = "none"
@@ -360,7 +360,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     if net_config.prior == "formula":  # the model file records every option of its prior
         net_config = with_prior_options(net_config)
     train_parts = [HologramDataset(path, net_config, cache=config.cache, limit=config.limit,
-                                   prior_cache=config.prior_cache, augment=config.augment == "quarter-turns")
+                                   cache_dir=config.cache_dir, augment=config.augment == "quarter-turns")
                    for path in data_files]
     for part in train_parts[1:]:
         check_geometry(geometry, part.geometry)
@@ -369,7 +369,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         for part in train_parts:
             part.config = net_config
     train_set = train_parts[0] if len(train_parts) == 1 else torch.utils.data.ConcatDataset(train_parts)
-    val_set = HologramDataset(val, net_config, cache=config.cache, prior_cache=config.prior_cache)
+    val_set = HologramDataset(val, net_config, cache=config.cache, cache_dir=config.cache_dir)
     check_geometry(geometry, val_set.geometry)
 
     network = BirefNet(net_config).to(device)
