@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -33,11 +34,46 @@ class FileFormatError(ValueError):
 
 
 @dataclass
+class Consistency:
+    """How well a reconstructed volume explains the measurement (``reconstruction.consistency``):
+    ``residual`` float[2, V] per view (NaN for views not checked), ``score`` its median over the
+    checked views, ``noise_floor`` the score from camera noise alone, ``time_s`` the check's cost."""
+
+    residual: np.ndarray
+    score: float
+    noise_floor: float
+    time_s: float
+
+    def __post_init__(self) -> None:
+        self.residual = np.asarray(self.residual, dtype=np.float64)
+        if self.residual.ndim != 2 or self.residual.shape[0] != 2:
+            raise FileFormatError(f"consistency residual must be [2, V], got {self.residual.shape}")
+
+    @property
+    def views_checked(self) -> int:
+        return int(np.isfinite(self.residual).sum())
+
+    def to_dict(self) -> dict:
+        """The wire form (docs/protocol.md): NaN becomes None."""
+        return {"score": self.score, "noise_floor": self.noise_floor, "views_checked": self.views_checked,
+                "time_s": self.time_s,
+                "residual": [[float(r) if math.isfinite(r) else None for r in row] for row in self.residual]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Consistency":
+        residual = [[np.nan if r is None else float(r) for r in row] for row in data["residual"]]
+        return cls(residual=np.array(residual, dtype=np.float64), score=float(data["score"]),
+                   noise_floor=float(data.get("noise_floor", np.nan)), time_s=float(data.get("time_s", 0.0)))
+
+
+@dataclass
 class Volume:
     """A birefringence volume: principal indices and optic axis on a regular grid.
 
     ``ne``, ``no`` float32[Z, Y, X]; ``director`` float32[3, Z, Y, X] (unit vectors, components
-    (x, y, z); the sign is arbitrary); ``voxel_size_m`` (dz, dy, dx).
+    (x, y, z); the sign is arbitrary); ``voxel_size_m`` (dz, dy, dx). A reconstruction may add
+    ``uncertainty`` float32[3, Z, Y, X] (the spread of n_e and n_o in refractive-index units and of
+    the director in radians) and ``consistency`` (:class:`Consistency`).
     """
 
     ne: np.ndarray
@@ -46,6 +82,8 @@ class Volume:
     voxel_size_m: tuple[float, float, float]
     medium_index: float
     parameters: dict = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
+    consistency: Consistency | None = None
 
     def __post_init__(self) -> None:
         self.ne = np.asarray(self.ne, dtype=np.float32)
@@ -54,6 +92,10 @@ class Volume:
         if self.ne.ndim != 3 or self.no.shape != self.ne.shape or self.director.shape != (3, *self.ne.shape):
             raise FileFormatError(f"volume shapes disagree: ne {self.ne.shape}, no {self.no.shape}, "
                                   f"director {self.director.shape} (expected [Z,Y,X], [Z,Y,X], [3,Z,Y,X])")
+        if self.uncertainty is not None:
+            self.uncertainty = np.asarray(self.uncertainty, dtype=np.float32)
+            if self.uncertainty.shape != (3, *self.ne.shape):
+                raise FileFormatError(f"uncertainty has shape {self.uncertainty.shape}, expected {(3, *self.ne.shape)}")
         self.voxel_size_m = tuple(float(v) for v in np.asarray(self.voxel_size_m).reshape(3))
         self.medium_index = float(self.medium_index)
 
@@ -128,6 +170,14 @@ def remove_stale_parts(folder) -> list[Path]:
 def _write_volume_datasets(group: h5py.Group, volume: Volume, compression: str | None = "gzip") -> None:
     for name in ("ne", "no", "director"):
         group.create_dataset(name, data=getattr(volume, name), compression=compression)
+    if volume.uncertainty is not None:
+        group.create_dataset("uncertainty", data=volume.uncertainty, compression=compression)
+    if volume.consistency is not None:
+        c = volume.consistency
+        consistency = group.create_group("consistency")
+        consistency.create_dataset("residual", data=c.residual.astype(np.float32))
+        for name in ("score", "noise_floor", "time_s"):
+            consistency.attrs[name] = float(getattr(c, name))
 
 
 def write_volume(path, volume: Volume) -> None:
@@ -236,8 +286,21 @@ def read_array(group, name: str, finite: bool = False) -> np.ndarray:
 
 
 def _read_volume_group(group, voxel_size_m, medium_index, parameters=None) -> Volume:
+    uncertainty = read_array(group, "uncertainty") if "uncertainty" in group else None
+    consistency = None
+    if "consistency" in group:
+        if not isinstance(group["consistency"], h5py.Group):
+            raise FileFormatError(f"{group.file.filename}: 'consistency' must be a group")
+        attrs = group["consistency"].attrs
+        try:
+            consistency = Consistency(residual=read_array(group["consistency"], "residual"),
+                                      score=float(attrs["score"]), noise_floor=float(attrs.get("noise_floor", np.nan)),
+                                      time_s=float(attrs.get("time_s", 0.0)))
+        except (KeyError, TypeError, ValueError) as error:
+            raise FileFormatError(f"{group.file.filename}: 'consistency' is malformed ({error})") from None
     return Volume(ne=read_array(group, "ne"), no=read_array(group, "no"), director=read_array(group, "director"),
-                  voxel_size_m=voxel_size_m, medium_index=medium_index, parameters=parameters or {})
+                  voxel_size_m=voxel_size_m, medium_index=medium_index, parameters=parameters or {},
+                  uncertainty=uncertainty, consistency=consistency)
 
 
 def read_volume(path) -> Volume:

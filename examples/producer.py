@@ -1,4 +1,4 @@
-"""A microscope-side sender of the biref/1 protocol (docs/protocol.md), to copy into vendor code.
+"""A microscope-side sender of the biref/2 protocol (docs/protocol.md), to copy into vendor code.
 
 It depends only on pyzmq, msgpack and numpy (and h5py to read the example data); it does not
 import biref_sdk. Replace ``read_acquisition`` with your camera: the three ``*_message`` functions
@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL = "biref/1"
+PROTOCOL = "biref/2"
 GEOMETRY_KEYS = ("wavelength_m", "medium_index", "na_objective", "pixel_size_m", "illumination_sines",
                  "reference_carriers", "volume_shape", "voxel_size_m")
 

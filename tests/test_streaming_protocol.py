@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from biref_sdk.files import Volume
+from biref_sdk.files import Consistency, Volume
 from biref_sdk.streaming import protocol
 from biref_sdk.streaming.protocol import Frame, Limits, ProtocolError, Start, Stop
 from test_streaming_support import wire, tiny_geometry
@@ -95,8 +95,51 @@ def test_result_round_trip():
     for name in ("ne", "no", "director"):
         np.testing.assert_array_equal(getattr(result.volume, name), getattr(volume, name))
     assert result.volume.parameters == {"method": "x"}
+    assert result.volume.uncertainty is None and result.volume.consistency is None
+    assert result.header["arrays"] == ["ne", "no", "director"] and result.header["protocol"] == "biref/2"
     status = protocol.decode_result(wire(protocol.encode_result("status", {"seq": 0, "volumes": 5})))
     assert status.volume is None and status.header["volumes"] == 5
+
+
+def trusted_volume(rng) -> Volume:
+    residual = np.full((2, 37), np.nan)
+    residual[:, [0, 9, 18]] = rng.random((2, 3))
+    return Volume(rng.random((4, 5, 6)), rng.random((4, 5, 6)), rng.random((3, 4, 5, 6)), (1e-7, 5e-8, 5e-8), 1.54,
+                  uncertainty=rng.random((3, 4, 5, 6)),
+                  consistency=Consistency(residual, score=0.25, noise_floor=0.2, time_s=0.1))
+
+
+def test_result_round_trip_carries_the_trust_data():
+    volume = trusted_volume(np.random.default_rng(3))
+    frames = wire(protocol.encode_result("volume", {"seq": 0, "acquisition_id": "a"}, volume))
+    assert len(frames) == 2 + 4
+    result = protocol.decode_result(frames)
+    assert result.header["arrays"] == ["ne", "no", "director", "uncertainty"]
+    np.testing.assert_array_equal(result.volume.uncertainty, volume.uncertainty)
+    c = result.volume.consistency
+    assert (c.score, c.noise_floor, c.time_s, c.views_checked) == (0.25, 0.2, 0.1, 6)
+    np.testing.assert_array_equal(c.residual, volume.consistency.residual)  # NaN (not checked) survives
+    header = msgpack.unpackb(bytes(frames[1]))
+    assert header["consistency"]["residual"][0][1] is None  # JSON-like: nil for a view not checked
+
+
+def test_biref1_results_still_decode_and_trust_frames_are_checked():
+    volume = trusted_volume(np.random.default_rng(4))
+    frames = wire(protocol.encode_result("volume", {"seq": 0, "acquisition_id": "a"}, volume))
+    old = msgpack.unpackb(bytes(frames[1]))
+    old.update(protocol="biref/1", arrays=["ne", "no", "director"])
+    del old["consistency"]
+    result = protocol.decode_result([frames[0], msgpack.packb(old), *frames[2:5]])
+    assert result.volume.uncertainty is None and result.volume.consistency is None
+    short = [*frames[:5], bytes(frames[5])[:-4]]
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_result(short)
+    assert info.value.reason == "size_mismatch"
+    unknown = msgpack.unpackb(bytes(frames[1]))
+    unknown["arrays"] = ["ne", "no", "director", "confidence"]
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_result([frames[0], msgpack.packb(unknown), *frames[2:]])
+    assert info.value.reason == "invalid_field"
 
 
 # -- each rejection has its reason --------------------------------------------------------------------
@@ -104,7 +147,8 @@ def test_header_faults_have_defined_reasons():
     assert reason_of([b"\xc1not msgpack"]) == "malformed"
     assert reason_of([msgpack.packb([1, 2])]) == "malformed"
     assert reason_of([]) == "malformed"
-    assert reason_of(view_frames(protocol="biref/2")) == "unsupported_protocol"
+    assert reason_of(view_frames(protocol="biref/3")) == "unsupported_protocol"
+    assert reason_of(view_frames(protocol="biref/0")) == "unsupported_protocol"
     assert reason_of(view_frames(protocol=...)) == "unsupported_protocol"
     assert reason_of(view_frames(type="hello")) == "unknown_type"
     assert reason_of(view_frames(acquisition_id=...)) == "invalid_field"

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
                                           "(the paper's Table 1), RMSE, director error and seconds per sample, "
                                           "one row per method.")
     p.add_argument("dataset", help="data set HDF5 file")
-    add_method_arguments(p, multiple=True)
+    add_method_arguments(p, multiple=True, consistency_default=0)  # off: its time would count as the method's
     p.add_argument("--limit", type=int, help="only the first N samples")
     p.add_argument("--json", action="store_true", help="print JSON: {method: {psnr_ne, psnr_no, ssim_ne, ssim_no, "
                                                        "rmse_ne, rmse_no, director_error_deg, isotropic_core_birefringence, seconds_per_sample, "

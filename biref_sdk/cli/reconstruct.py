@@ -35,7 +35,21 @@ def add_engine_argument(p: argparse.ArgumentParser) -> None:
                         "fastest CPU engine), torch, onnxruntime (extra onnx) or tensorrt (extra tensorrt)")
 
 
-def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: str = "formula") -> None:
+def consistency_views(text: str):
+    """``--consistency-views``: a number of views (0: off) or ``all``."""
+    if text == "all":
+        return text
+    try:
+        views = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of views or 'all', got {text!r}") from None
+    if views < 0:
+        raise argparse.ArgumentTypeError("the number of views must be >= 0")
+    return views
+
+
+def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: str = "formula",
+                         consistency_default: int = 5) -> None:
     if multiple:
         p.add_argument("--method", action="append", dest="methods", metavar="METHOD",
                        help="reconstruction method, repeatable to compare several side by side: formula, model "
@@ -45,6 +59,10 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
     p.add_argument("--model", help="model file for --method model (default: the shipped trained_models/biref_small.h5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     add_engine_argument(p)
+    p.add_argument("--consistency-views", type=consistency_views, default=consistency_default, metavar="N|all",
+                   help="re-simulate each volume at N views (the axial one and N-1 around the ring) or all, and "
+                        "report how well it explains the measured fields (docs/reconstruction.md, Trust); 0: off "
+                        f"(default {consistency_default})")
     p.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="a method option, e.g. formula.constraint_iterations=10 or "
                         "formula.index_bounds=(1.54,1.57); repeatable (docs/reconstruction.md)")
@@ -72,6 +90,10 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
         if method == "model":
             kwargs.setdefault("engine", args.engine)
         built[method] = get_reconstructor(method, **kwargs)
+        if args.consistency_views:
+            from ..reconstruction.consistency import ConsistencyChecked
+
+            built[method] = ConsistencyChecked(built[method], args.consistency_views, device=args.device)
     return built
 
 
@@ -103,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
                          "seconds": round(seconds, 4)}
     write_volume(args.out, volume)
     summary = {"out": str(args.out), "method": args.method, "shape": list(volume.shape), "seconds": seconds}
+    if volume.consistency is not None:
+        summary["consistency"] = {k: v for k, v in volume.consistency.to_dict().items() if k != "residual"}
     if acquisition.truth is not None:
         summary["metrics"] = compare_volumes(acquisition.truth, volume)
     if args.json:
@@ -111,4 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote volume {args.out}: {volume.shape} in {seconds:.2f} s ({args.method})")
         for key, value in summary.get("metrics", {}).items():
             print(f"  {key:20s} {value:.4f}")
+        if volume.consistency is not None:
+            c = volume.consistency
+            print(f"  consistency          {c.score:.4f} (noise floor {c.noise_floor:.4f}, {c.views_checked} views)")
     return 0

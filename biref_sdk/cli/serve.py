@@ -11,8 +11,9 @@ from pathlib import Path
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from .reconstruct import add_method_arguments
 
-    # the network is the product's main job: the shipped model unless --method formula
-    add_method_arguments(p, multiple=False, default="model")
+    # the network is the product's main job: the shipped model unless --method formula; the
+    # consistency check is opt-in here, as it adds its time to every volume's latency
+    add_method_arguments(p, multiple=False, default="model", consistency_default=0)
 
 
 def make_reconstructor(args: argparse.Namespace):

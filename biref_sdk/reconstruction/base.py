@@ -2,6 +2,7 @@
 Volume out, either at once or incrementally as views arrive (the streaming runtime's path)."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -56,6 +57,12 @@ class Reconstructor(ABC):
     @abstractmethod
     def start(self, geometry: Geometry, background: np.ndarray) -> ReconstructionSession:
         """``background`` [2, V, H, W]: the no-sample frames of this acquisition."""
+
+    def session_bytes(self, geometry: Geometry) -> int:
+        """Bytes one session may hold (the streaming service's admission): an estimate of two
+        float32 copies of the frames plus 64 bytes per voxel, unless a method knows better."""
+        frames = 2 * geometry.n_views * math.prod(geometry.hologram_shape)
+        return 2 * frames * 4 + 64 * math.prod(geometry.volume_shape)
 
     def reconstruct(self, acquisition: Acquisition) -> Volume:
         session = self.start(acquisition.geometry, acquisition.background)

@@ -148,11 +148,15 @@ class ModelSession(ReconstructionSession):
         ne, no, q = self._engine.finalize(torch.cat(sequences), prior)  # a batch of the turns
         clock.lap("decoder")
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
-        answers = [turn_output(ne[t], no[t], q[t], -t) for t in range(turns)]
-        ne, no, q = (torch.stack(a).mean(dim=0) for a in zip(*answers))
+        answers = [torch.stack(a) for a in zip(*(turn_output(ne[t], no[t], q[t], -t) for t in range(turns)))]
+        ne, no, q = (a.mean(dim=0) for a in answers)
         clock.lap("turns_back")
         director = director_from_q(q.cpu())
         clock.lap("director")
+        uncertainty = None
+        if turns > 1:
+            uncertainty = turn_spread(answers[0].cpu(), answers[1].cpu(), answers[2].cpu(), director)
+            clock.lap("uncertainty")
         self.finalize_timings_s = clock.laps  # the last finalize's stages (the benchmark's breakdown)
         parameters = {"method": "model", "model_sha256": self._model.sha256,
                       "model_file": os.path.basename(self._model.path or ""), "missing_views": missing,
@@ -160,7 +164,7 @@ class ModelSession(ReconstructionSession):
                       "prior": self._config.prior, "quarter_turns": turns > 1, "engine": self._engine.describe()}
         return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
-                      parameters=parameters)
+                      parameters=parameters, uncertainty=None if uncertainty is None else uncertainty.numpy())
 
 
 class _StageClock:
@@ -174,6 +178,20 @@ class _StageClock:
         now = time.perf_counter()
         self.laps[name] = now - self._last
         self._last = now
+
+
+def turn_spread(ne: torch.Tensor, no: torch.Tensor, q: torch.Tensor, director: torch.Tensor) -> torch.Tensor:
+    """The per-voxel uncertainty ``[3, Z, Y, X]`` from the quarter turns' answers (``ne``, ``no``
+    ``[T, Z, Y, X]``, ``q`` ``[T, 5, Z, Y, X]``, turned back): the RMS deviation of n_e and of n_o
+    from their mean (refractive-index units) and the RMS angle (radians) between each turn's
+    director and ``director``, the mean's. The turns see the same views in other windows, so their
+    disagreement is the network's own doubt; it does not see an error all turns share."""
+    turns = q.shape[0]
+    directors = director_from_q(q.transpose(0, 1).reshape(5, -1, *q.shape[3:]))
+    directors = directors.reshape(3, turns, *q.shape[2:])
+    cosine = (directors * director[:, None]).sum(dim=0).abs().clamp(max=1.0)
+    angle = torch.arccos(cosine).pow(2).mean(dim=0).sqrt()
+    return torch.stack([ne.std(dim=0, correction=0), no.std(dim=0, correction=0), angle]).float()
 
 
 def director_from_q(q: torch.Tensor) -> torch.Tensor:

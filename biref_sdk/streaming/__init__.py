@@ -1,4 +1,4 @@
-"""Streaming acquisition over ZeroMQ (docs/protocol.md, "biref/1").
+"""Streaming acquisition over ZeroMQ (docs/protocol.md, "biref/2").
 
 - :class:`AcquisitionService`: the in-process core (drive it from Python, get callbacks);
 - :class:`StreamingServer`: the service on ZeroMQ sockets (``biref serve``);

@@ -1,4 +1,4 @@
-"""The ``biref/1`` wire protocol (docs/protocol.md): encoding and validating decoding.
+"""The ``biref/2`` wire protocol (docs/protocol.md): encoding and validating decoding.
 
 Every message is multipart: one msgpack header frame (a map with string keys), then zero or more
 raw array frames (C order, little-endian; dtype and shape come from the header). Nothing here
@@ -22,7 +22,10 @@ import numpy as np
 
 from ..geometry import GEOMETRY_ATTRIBUTES, Geometry
 
-PROTOCOL = "biref/1"
+PROTOCOL = "biref/2"
+# ingest is unchanged since biref/1 (biref/2 added trust data to the results): both are accepted
+INGEST_PROTOCOLS = ("biref/1", "biref/2")
+RESULT_PROTOCOLS = ("biref/1", "biref/2")
 
 # ingest message types (microscope -> SDK) and result topics (SDK -> subscribers)
 INGEST_TYPES = ("start", "background", "view", "stop")
@@ -35,7 +38,7 @@ WIRE_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": n
 REASONS = (
     "malformed",              # not a multipart message with a msgpack map header
     "too_large",              # header, frame, geometry or volume beyond the service's limits
-    "unsupported_protocol",   # "protocol" missing or not "biref/1"
+    "unsupported_protocol",   # "protocol" missing or not "biref/1"/"biref/2"
     "unknown_type",           # "type" not one of start/background/view/stop
     "invalid_field",          # a field missing, of the wrong type or out of range
     "bad_geometry",           # the geometry does not describe a working microscope
@@ -288,9 +291,9 @@ def parse_header(data, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise ProtocolError("malformed", f"header must be a msgpack map, got {type(header).__name__}")
     protocol = header.get("protocol")
     message_type = header.get("type") if isinstance(header.get("type"), str) else None
-    if protocol != PROTOCOL:
-        raise ProtocolError("unsupported_protocol", f"protocol must be {PROTOCOL!r}, got {_show(protocol)}",
-                            None, message_type)
+    if protocol not in INGEST_PROTOCOLS:
+        raise ProtocolError("unsupported_protocol", f"protocol must be one of {', '.join(INGEST_PROTOCOLS)}, "
+                            f"got {_show(protocol)}", None, message_type)
     if message_type not in INGEST_TYPES:
         raise ProtocolError("unknown_type", f"type must be one of {', '.join(INGEST_TYPES)}, "
                             f"got {_show(header.get('type'))}")
@@ -534,20 +537,24 @@ def encode_stop(acquisition_id: str) -> list:
 
 # -- results (SDK -> subscribers) ------------------------------------------------------------------
 VOLUME_ARRAYS = ("ne", "no", "director")
+TRUST_ARRAYS = ("uncertainty",)  # biref/2: after the volume's arrays when the engine gives them
 
 
 def encode_result(topic: str, header: dict, volume=None) -> list:
     """Frames of a result message: the topic (for SUB prefix filtering), the msgpack header, and for
-    ``volume``/``preview`` the float32 arrays ne [Z,Y,X], no [Z,Y,X], director [3,Z,Y,X]."""
+    ``volume``/``preview`` the float32 arrays ne [Z,Y,X], no [Z,Y,X], director [3,Z,Y,X], then
+    uncertainty [3,Z,Y,X] if the volume has one; its consistency goes in the header."""
     if topic not in TOPICS:
         raise ValueError(f"topic must be one of {TOPICS}")
     header = {"protocol": PROTOCOL, "type": topic, **header}
     frames = [topic.encode(), None]
     if topic in ("volume", "preview"):
-        header.update(shape=list(volume.shape), dtype="float32", arrays=list(VOLUME_ARRAYS),
+        names = VOLUME_ARRAYS + (TRUST_ARRAYS if volume.uncertainty is not None else ())
+        header.update(shape=list(volume.shape), dtype="float32", arrays=list(names),
                       voxel_size_m=list(volume.voxel_size_m), medium_index=volume.medium_index,
-                      parameters=json.dumps(volume.parameters, default=_json_default))
-        frames += [np.ascontiguousarray(getattr(volume, name), dtype="<f4") for name in VOLUME_ARRAYS]
+                      parameters=json.dumps(volume.parameters, default=_json_default),
+                      consistency=None if volume.consistency is None else volume.consistency.to_dict())
+        frames += [np.ascontiguousarray(getattr(volume, name), dtype="<f4") for name in names]
     frames[1] = _pack(header)
     return frames
 
@@ -576,7 +583,7 @@ class Result:
 
 def decode_result(frames, limits: Limits = DEFAULT_LIMITS) -> Result:
     """Validate and decode a result message (subscriber side); arrays are copied out of the frames."""
-    from ..files import FileFormatError, Volume
+    from ..files import Consistency, FileFormatError, Volume
 
     if not isinstance(frames, (list, tuple)) or len(frames) < 2:
         raise ProtocolError("malformed", "a result needs a topic frame and a header frame")
@@ -586,8 +593,8 @@ def decode_result(frames, limits: Limits = DEFAULT_LIMITS) -> Result:
     header = _unpack(frames[1], limits, "result header")
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "result header must be a msgpack map")
-    if header.get("protocol") != PROTOCOL:
-        raise ProtocolError("unsupported_protocol", f"protocol must be {PROTOCOL!r}")
+    if header.get("protocol") not in RESULT_PROTOCOLS:
+        raise ProtocolError("unsupported_protocol", f"protocol must be one of {', '.join(RESULT_PROTOCOLS)}")
     if header.get("type") != topic:
         raise ProtocolError("invalid_field", f"header type {_show(header.get('type'))} != topic {topic!r}")
     if topic not in ("volume", "preview"):
@@ -598,21 +605,25 @@ def decode_result(frames, limits: Limits = DEFAULT_LIMITS) -> Result:
     shape = f.shape("shape", 3, limits.max_volume_voxels)
     if math.prod(shape) > limits.max_volume_voxels:
         f.fail(f"volume {list(shape)} exceeds {limits.max_volume_voxels} voxels", "too_large")
-    if header.get("dtype") != "float32" or header.get("arrays") != list(VOLUME_ARRAYS):
-        f.fail(f"volume arrays must be {list(VOLUME_ARRAYS)} float32")
-    if len(frames) != 2 + len(VOLUME_ARRAYS):
-        raise ProtocolError("frame_count", f"{topic} takes {len(VOLUME_ARRAYS)} payload frames, got {len(frames) - 2}")
+    names = tuple(header.get("arrays") or ()) if isinstance(header.get("arrays"), list) else ()
+    if header.get("dtype") != "float32" or names not in (VOLUME_ARRAYS, VOLUME_ARRAYS + TRUST_ARRAYS):
+        f.fail(f"volume arrays must be {list(VOLUME_ARRAYS)}, optionally followed by {list(TRUST_ARRAYS)}, float32")
+    if len(frames) != 2 + len(names):
+        raise ProtocolError("frame_count", f"{topic} takes {len(names)} payload frames, got {len(frames) - 2}")
+    shapes = {"ne": shape, "no": shape, "director": (3, *shape), "uncertainty": (3, *shape)}
     arrays = {}
-    for name, frame, array_shape in zip(VOLUME_ARRAYS, frames[2:], (shape, shape, (3, *shape))):
-        nbytes = math.prod(array_shape) * 4
+    for name, frame in zip(names, frames[2:]):
+        nbytes = math.prod(shapes[name]) * 4
         if memoryview(frame).nbytes != nbytes:
             raise ProtocolError("size_mismatch", f"{name}: {memoryview(frame).nbytes} bytes, expected {nbytes}",
                                 f.acquisition_id, topic)
-        arrays[name] = np.frombuffer(frame, dtype="<f4").reshape(array_shape).copy()
+        arrays[name] = np.frombuffer(frame, dtype="<f4").reshape(shapes[name]).copy()
     try:
         parameters = json.loads(header.get("parameters", "{}"))
+        consistency = header.get("consistency")
         volume = Volume(voxel_size_m=header["voxel_size_m"], medium_index=header["medium_index"],
-                        parameters=parameters if isinstance(parameters, dict) else {}, **arrays)
-    except (KeyError, TypeError, ValueError, FileFormatError) as error:
+                        parameters=parameters if isinstance(parameters, dict) else {},
+                        consistency=None if consistency is None else Consistency.from_dict(consistency), **arrays)
+    except (KeyError, TypeError, ValueError, AttributeError, FileFormatError) as error:
         f.fail(f"volume header unusable: {error}")
     return Result(topic, header, volume)

@@ -36,6 +36,7 @@ import numpy as np
 
 from .._version import __version__
 from ..geometry import Geometry
+from ..reconstruction.base import Reconstructor
 from . import protocol
 from .acquisition import AcquisitionMachine, Outcomes, StreamError, StreamResult
 from .protocol import DEFAULT_LIMITS, Frame, Limits, Message, ProtocolError, Start, Stop
@@ -102,13 +103,12 @@ class ServiceConfig:
 def acquisition_footprint(start: Start, reconstructor) -> int:
     """Bytes one acquisition may hold while in flight: its background (accumulated, or the inline
     copy), the views that may arrive before the background is whole, and the engine's session
-    (``reconstructor.session_bytes(geometry)`` when the engine states it, else an estimate of two
-    float32 copies of the frames plus 64 bytes per voxel)."""
+    (``reconstructor.session_bytes(geometry)``; the base class's estimate for a duck-typed one)."""
     g = start.geometry
     frames = 2 * g.n_views * math.prod(g.hologram_shape)
     itemsize = np.dtype(start.dtype).itemsize
-    session_bytes = getattr(reconstructor, "session_bytes", None)
-    session = int(session_bytes(g)) if callable(session_bytes) else 2 * frames * 4 + 64 * math.prod(g.volume_shape)
+    session_bytes = getattr(reconstructor, "session_bytes", None)  # Reconstructor.session_bytes
+    session = int(session_bytes(g)) if callable(session_bytes) else Reconstructor.session_bytes(reconstructor, g)
     return 2 * frames * itemsize + session
 
 
