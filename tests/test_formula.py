@@ -130,6 +130,10 @@ def test_cli_reconstructs_a_file_with_its_own_geometry(tmp_path, capsys):
     assert volume.voxel_size_m == geometry.voxel_size_m and volume.medium_index == geometry.medium_index
     assert volume.parameters["views_used"] == 25
     assert_sphere(volume, geometry, index, SPHERE_RADIUS_M)
+    # the consistency check is on by default offline, in this geometry too: the formula's sphere
+    # explains most of the scattered field
+    assert summary["consistency"]["views_checked"] == 10 and volume.consistency.views_checked == 10
+    assert 0 <= volume.consistency.score < 0.5 and volume.uncertainty is None
 
 
 def test_volume_grid_off_the_camera_pitch(sphere_acquisition):

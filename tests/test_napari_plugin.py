@@ -73,6 +73,19 @@ def test_reader_opens_a_volume_in_micrometres(tmp_path, viewer):
     assert np.all(dn.data[tuple(np.round(centres).astype(int).T)] > 0.01)
 
 
+def test_reader_shows_the_uncertainty_with_the_consistency_as_metadata(tmp_path, viewer):
+    from biref_sdk.files import Consistency
+
+    volume = small_volume()
+    volume.uncertainty = np.stack([np.abs(volume.ne - 1.54) * 0.1] * 3)
+    volume.consistency = Consistency(np.full((2, 37), 0.2), score=0.12, noise_floor=0.1, time_s=0.2)
+    write_volume(tmp_path / "trusted.h5", volume)
+    viewer.open(str(tmp_path / "trusted.h5"), plugin="biref_sdk")
+    layer = viewer.layers["trusted σ n_e"]
+    assert layer.data.max() == pytest.approx(0.0025, abs=1e-6) and not layer.visible
+    assert layer.metadata["consistency_score"] == pytest.approx(0.12)
+
+
 def test_reader_opens_an_acquisition_as_hologram_stacks(tmp_path, viewer):
     from biref_sdk.streaming.microscope import SimulatedMicroscope
 

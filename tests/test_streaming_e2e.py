@@ -106,7 +106,7 @@ def test_serve_and_microscope_sim_commands_with_a_subscriber(tmp_path, offline):
 def test_demo_command_streams_to_a_volume_file_and_a_figure(tmp_path, capsys):
     from biref_sdk.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--seed", "1"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--seed", "1", "--consistency-views", "2"]) == 0
     printed = capsys.readouterr().out
     volume_file = Path(printed.split("volume file: ")[1].split()[0])
     figure = Path(printed.split("figure:")[1].split()[0])
@@ -114,6 +114,8 @@ def test_demo_command_streams_to_a_volume_file_and_a_figure(tmp_path, capsys):
     assert volume.shape == (32, 64, 64) and volume.parameters["streaming"]["complete"]
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
     assert "ms after the last view arrived" in printed and "PSNR n_e" in printed
+    assert "uncertainty: median spread of n_e" in printed and "consistency: score" in printed
+    assert volume.uncertainty is not None and volume.consistency.views_checked == 4
 
 
 def test_concurrent_model_sessions_give_the_offline_volumes():

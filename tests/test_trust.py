@@ -149,3 +149,36 @@ def test_the_model_uncertainty_is_large_where_the_error_is():
     assert error[top].mean() > 3 * error[~top].mean()
     plain = get_reconstructor("model", engine="torch", quarter_turns=False).reconstruct(acquisition)
     assert plain.uncertainty is None
+
+
+def test_a_streamed_volume_carries_the_trust_data_to_a_subscriber_and_a_file(tmp_path):
+    """The model with the check behind the real server: the subscriber's volume has the uncertainty
+    and the consistency of the offline reconstruction, and so has the file --save-dir writes."""
+    from biref_sdk.streaming.client import Producer, Subscriber
+    from biref_sdk.streaming.microscope import SimulatedMicroscope
+    from biref_sdk.streaming.server import StreamingServer
+    from biref_sdk.streaming.service import ServiceConfig
+
+    acquisition = SimulatedMicroscope("small", seed=0).acquisition(0)
+    reconstructor = ConsistencyChecked(get_reconstructor("model", engine="torch"), views=3)
+    offline = reconstructor.reconstruct(acquisition)
+    config = ServiceConfig(status_interval_s=0.1, acquisition_timeout_s=120)
+    with StreamingServer(reconstructor, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", config,
+                         save_dir=tmp_path) as server, \
+            Subscriber(server.results_address, topics=("volume", "error")) as subscriber:
+        subscriber.wait_ready(60)
+        with Producer(server.ingest_address, timeout_s=60) as producer:
+            producer.send_acquisition(acquisition, "trusted")
+            result = subscriber.wait_volume("trusted", 120)
+    assert result.header["protocol"] == "biref/2" and result.header["arrays"][-1] == "uncertainty"
+    np.testing.assert_allclose(result.volume.uncertainty, offline.uncertainty, atol=1e-6)
+    streamed, expected = result.volume.consistency, offline.consistency
+    assert streamed.views_checked == 6 and result.header["consistency"]["views_checked"] == 6
+    np.testing.assert_allclose(streamed.residual, expected.residual, rtol=1e-4)
+    np.testing.assert_allclose(streamed.score, expected.score, rtol=1e-3, atol=1e-6)
+    saved = tmp_path / "trusted.h5"
+    from test_streaming_support import wait_until
+
+    wait_until(saved.exists, 60)
+    np.testing.assert_array_equal(read_volume(saved).uncertainty, result.volume.uncertainty)
+    assert read_volume(saved).consistency.score == pytest.approx(streamed.score)

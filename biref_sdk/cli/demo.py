@@ -30,6 +30,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..files import write_volume
     from ..metrics import compare_volumes
     from ..streaming.client import Producer, ResultError, Subscriber
@@ -92,6 +94,15 @@ def run(args: argparse.Namespace) -> int:
           f"(received {received_after_s * 1e3:.1f} ms after it was sent; whole run {time.perf_counter() - began:.1f} s)")
     print(f"against the simulated truth: PSNR n_e {metrics['psnr_ne']:.1f} dB, n_o {metrics['psnr_no']:.1f} dB, "
           f"director error {metrics['director_error_deg']:.1f} deg")
+    if volume.uncertainty is not None:
+        sample = (volume.ne - volume.no > 2e-3) | (abs(volume.ne - volume.medium_index) > 2e-3)
+        spread = volume.uncertainty[0][sample] if sample.any() else volume.uncertainty[0].ravel()
+        print(f"uncertainty: median spread of n_e {float(np.median(spread)):.4f} in the sample "
+              f"(largest {float(volume.uncertainty[0].max()):.4f})")
+    if volume.consistency is not None:
+        c = volume.consistency
+        print(f"consistency: score {c.score:.3f} (noise floor {c.noise_floor:.3f}, {c.views_checked} views, "
+              f"{c.time_s * 1e3:.0f} ms)")
     print(f"volume file: {volume_path}")
     print(f"figure:      {figure_path}")
     return 0

@@ -59,7 +59,15 @@ def volume_layers(volume: Volume, prefix: str = "") -> list[tuple]:
                                     # segments centred on their voxel start off its plane: show those crossing it
                                     "projection_mode": "all"}, "vectors"),
     ]
+    if volume.uncertainty is not None:  # where the network doubts itself (its quarter turns disagree)
+        layers.append((volume.uncertainty[0], {**common, "name": f"{prefix}σ n_e", "colormap": "magma",
+                                               "visible": False, "metadata": _consistency(volume)}, "image"))
     return layers
+
+
+def _consistency(volume: Volume) -> dict:
+    c = volume.consistency
+    return {} if c is None else {"consistency_score": c.score, "consistency_noise_floor": c.noise_floor}
 
 
 def acquisition_layers(handle, prefix: str = "") -> list[tuple]:

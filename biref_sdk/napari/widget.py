@@ -58,6 +58,7 @@ class StreamState:
     acquisition_id: str = ""
     service_latency_s: float | None = None
     display_delay_s: float | None = None
+    consistency: dict | None = None  # the last volume's consistency check, when the service runs it
     missed: int = 0
     rejected: int = 0
     last_message_monotonic_s: float | None = None  # a silent service shows as a growing age
@@ -73,6 +74,9 @@ class StreamState:
         if self.service_latency_s is not None:
             lines.append(f"latency: {self.service_latency_s * 1e3:.0f} ms after the last view (service), "
                          f"shown {self.display_delay_s * 1e3:.0f} ms after receipt")
+        if self.consistency:
+            lines.append(f"consistency: {self.consistency['score']:.3f} (noise floor "
+                         f"{self.consistency['noise_floor']:.3f}; 0: the volume explains the data)")
         lines.append(f"errors: {self.errors}{': ' + self.last_error if self.last_error else ''}; "
                      f"missed {self.missed}, rejected {self.rejected}")
         return "\n".join(lines)
@@ -237,6 +241,7 @@ class StreamWidget(QWidget):
         self.state.acquisition_id = f"{result.acquisition_id} ({result.topic})"
         self.state.views = f"{header.get('views_used')}/{header.get('views_expected')}"
         self.state.service_latency_s = header.get("latency_s")
+        self.state.consistency = header.get("consistency") if isinstance(header.get("consistency"), dict) else None
         self.state.display_delay_s = time.perf_counter() - result.received_s
 
     def _show_state(self) -> None:

@@ -8,16 +8,18 @@ views) and the view's illumination amplitude ``b_pv`` (fitted per view: a real m
 differ in power and phase). Subtracting the measured background also removes what both frames share
 (dust, stray light). The re-simulated scattered field is ``S_s = F(volume) - I`` (``I``: the
 illumination alone), with the simulator's forward model (:class:`~biref_sdk.physics.MultiSlice`). The
-view's **residual** is ``||S_m - S_s|| / ||S_m||`` over the volume's footprint on the camera (the
+view's **residual** is ``r = ||S_m - S_s|| / ||S_m||`` over the volume's footprint on the camera (the
 fields are imaged at the focal plane, inside the volume, so what the volume scatters lies there; the
 rest of the field would only add noise): 0 for a volume that explains the measurement, 1 for one
-that explains none of it (an empty volume). The **score** is the median residual over the checked views.
+that explains none of it (an empty volume).
 
-Noise sets a floor: the residual of the true volume is about ``||noise|| / ||S_m||``. The
-background's own deviation from the fitted illumination measures one frame's noise, so
-``noise_floor`` (the median of ``sqrt(2) ||B/(a b) - I|| / ||S_m||``) is what the score would be
-from the noise alone. A score far above it says that the volume does not explain the data: the
-sample is unlike what the reconstruction knows, or the acquisition is not what its geometry says.
+Noise sets a floor: the residual of the true volume is about ``f = ||noise|| / ||S_m||``, large for
+a weakly scattering sample. The background's own deviation from the fitted illumination measures
+one frame's noise, so ``f = sqrt(2) ||B/(a b) - I|| / ||S_m||`` per view (``noise_floor``: their
+median). The **score** is the median over the checked views of ``sqrt(max(r^2 - f^2, 0))``, the part
+of the residual that noise does not explain: near 0 when the volume explains the data; large when
+the sample is unlike what the reconstruction knows, or the acquisition is not what its geometry says
+(benchmarks/trust.py measures how well it tells held-out sample types apart).
 """
 from __future__ import annotations
 
@@ -53,6 +55,14 @@ def checked_views(geometry: Geometry, views: int | str | None) -> np.ndarray:
     order = rest[np.argsort(np.arctan2(sines[rest, 1], sines[rest, 0]))]
     picks = order[np.round(np.arange(n - 1) * order.size / (n - 1)).astype(int)]
     return np.sort(np.concatenate([[axial], picks]))
+
+
+def noise_corrected_score(residual: np.ndarray, floor: np.ndarray) -> float:
+    """The median over the checked views (finite entries) of ``sqrt(max(r^2 - f^2, 0))``: noise
+    and the volume's error add in quadrature, so this is the part of each residual the noise does
+    not explain. Unlike the raw residual it does not grow for a weakly scattering sample."""
+    checked = np.isfinite(residual)
+    return float(np.median(np.sqrt(np.maximum(residual[checked] ** 2 - floor[checked] ** 2, 0.0))))
 
 
 class ConsistencyCheck:
@@ -113,8 +123,11 @@ class ConsistencyCheck:
         floor = (math.sqrt(2.0) * norm(noise) / size).double().cpu().numpy()
         full = np.full((2, self.geometry.n_views), np.nan)
         full[:, self.views] = residual
-        return Consistency(residual=full, score=float(np.median(residual)), noise_floor=float(np.median(floor)),
-                           time_s=time.perf_counter() - began)
+        floors = np.full_like(full, np.nan)
+        floors[:, self.views] = floor
+        return Consistency(residual=full, score=noise_corrected_score(full, floors),
+                           noise_floor=float(np.median(floor)), time_s=time.perf_counter() - began,
+                           floors=floors)
 
 
 class CheckedSession(ReconstructionSession):
@@ -144,8 +157,8 @@ class CheckedSession(ReconstructionSession):
         missing = np.zeros_like(consistency.residual, dtype=bool)
         missing[:, self._check.views] = ~received
         consistency.residual[missing] = np.nan  # views that did not arrive were not measured
-        checked = consistency.residual[np.isfinite(consistency.residual)]
-        consistency.score = float(np.median(checked))
+        consistency.score = noise_corrected_score(consistency.residual, consistency.floors)
+        consistency.noise_floor = float(np.nanmedian(np.where(missing, np.nan, consistency.floors)))
         volume.consistency = consistency
         return volume
 
