@@ -104,11 +104,15 @@ def measure(reconstructor, acquisition, kind: str, seed: int) -> dict:
     truth, c, u = acquisition.truth, volume.consistency, volume.uncertainty
     error = np.abs(volume.ne - truth.ne)
     top = u[0] >= np.quantile(u[0], 0.9)
+    sample = (np.abs(truth.ne - truth.medium_index) > 1e-3) | (np.abs(truth.no - truth.medium_index) > 1e-3)
     return {"kind": kind, "seed": seed, "psnr_ne": psnr(truth.ne, volume.ne), "psnr_no": psnr(truth.no, volume.no),
             "score": c.score, "raw_residual": float(np.nanmedian(c.residual)), "noise_floor": c.noise_floor,
             "uncertainty_error_spearman": spearman(u[0], error),
             "error_top_tenth_over_rest": float(error[top].mean() / max(error[~top].mean(), 1e-12)),
-            "median_uncertainty_ne": float(np.median(u[0]))}
+            "median_uncertainty_ne": float(np.median(u[0])),
+            # in the sample: the uncertainty's size beside the error it should flag
+            "sample_uncertainty_ne": float(u[0][sample].mean()),
+            "sample_rmse_ne": float(np.sqrt((error[sample] ** 2).mean()))}
 
 
 def main() -> None:
@@ -155,12 +159,12 @@ def main() -> None:
                                "auc_raw_residual": roc_auc([r["raw_residual"] for r in inside],
                                                            [r["raw_residual"] for r in outside])}
     print(f"{'kind':16s} {'n':>3s} {'PSNR ne':>8s} {'raw r':>7s} {'floor':>7s} {'score':>7s} {'AUC':>5s} "
-          f"{'AUC raw':>7s} {'rho(u,err)':>10s} {'top/rest':>8s} {'median u':>9s}")
+          f"{'AUC raw':>7s} {'rho(u,err)':>10s} {'top/rest':>8s} {'u sample':>9s} {'rmse smp':>9s}")
     for name, s in summary.items():
         print(f"{name:16s} {s['n']:3d} {s['psnr_ne']:8.2f} {s['raw_residual']:7.3f} {s['noise_floor']:7.3f} "
               f"{s['score']:7.3f} {s.get('auc_score', float('nan')):5.2f} {s.get('auc_raw_residual', float('nan')):7.2f} "
               f"{s['uncertainty_error_spearman']:10.2f} {s['error_top_tenth_over_rest']:8.2f} "
-              f"{s['median_uncertainty_ne']:9.2e}")
+              f"{s['sample_uncertainty_ne']:9.2e} {s['sample_rmse_ne']:9.2e}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"benchmark": "trust", "model": args.model, "views": args.views,
@@ -170,7 +174,7 @@ def main() -> None:
 
 def _means(rows: list[dict]) -> dict:
     keys = ("psnr_ne", "psnr_no", "score", "raw_residual", "noise_floor", "uncertainty_error_spearman",
-            "error_top_tenth_over_rest", "median_uncertainty_ne")
+            "error_top_tenth_over_rest", "median_uncertainty_ne", "sample_uncertainty_ne", "sample_rmse_ne")
     return {"n": len(rows), **{k: float(np.median([r[k] for r in rows])) for k in keys}}
 
 

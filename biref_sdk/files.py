@@ -64,9 +64,21 @@ class Consistency:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Consistency":
-        residual = [[np.nan if r is None else float(r) for r in row] for row in data["residual"]]
-        return cls(residual=np.array(residual, dtype=np.float64), score=float(data["score"]),
-                   noise_floor=float(data.get("noise_floor", np.nan)), time_s=float(data.get("time_s", 0.0)))
+        """From the wire form; a field of the wrong type raises ValueError."""
+        def number(value, name: str) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"consistency {name} must be a number, got {type(value).__name__}")
+            return float(value)
+
+        if not isinstance(data, dict) or not isinstance(data.get("residual"), list):
+            raise ValueError("consistency must be a map with a residual list")
+        views = data.get("views_checked", 0)
+        if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+            raise ValueError("consistency views_checked must be a non-negative integer")
+        residual = [[np.nan if r is None else number(r, "residual") for r in row] for row in data["residual"]]
+        return cls(residual=np.array(residual, dtype=np.float64), score=number(data.get("score"), "score"),
+                   noise_floor=number(data.get("noise_floor", np.nan), "noise_floor"),
+                   time_s=number(data.get("time_s", 0.0), "time_s"))
 
 
 @dataclass

@@ -147,7 +147,7 @@ def test_shared_library_exports_only_the_public_api(c_library):
     declared = set(re.findall(r"BIREF_API [^;]*?\b(biref_\w+)\(", (C_DIR / "include" / "biref.h").read_text()))
     assert set(exported) == declared
     soname = run(["objdump", "-p", c_library.shared]).stdout
-    assert re.search(r"SONAME\s+libbiref_c\.so\.2\b", soname)
+    assert re.search(r"SONAME\s+libbiref_c\.so\.3\b", soname)
 
 
 @pytest.mark.slow
@@ -161,7 +161,7 @@ def test_installed_library_is_found_by_cmake_and_pkg_config(c_library, tmp_path,
         '  return strcmp(biref_version(), BIREF_VERSION_STRING) != 0; }\n')
     if how == "find_package":
         (tmp_path / "CMakeLists.txt").write_text(
-            "cmake_minimum_required(VERSION 3.16)\nproject(app C)\nfind_package(biref_c 2 REQUIRED)\n"
+            "cmake_minimum_required(VERSION 3.16)\nproject(app C)\nfind_package(biref_c 3 REQUIRED)\n"
             "add_executable(app app.c)\ntarget_link_libraries(app PRIVATE biref_c::biref_c)\n")
         run(["cmake", "-S", tmp_path, "-B", tmp_path / "build", f"-DCMAKE_PREFIX_PATH={c_library.prefix}"])
         run(["cmake", "--build", tmp_path / "build"])
@@ -173,7 +173,7 @@ def test_installed_library_is_found_by_cmake_and_pkg_config(c_library, tmp_path,
         run([compiler(), *CFLAGS[:-1], tmp_path / "app.c", *flags, f"-Wl,-rpath,{c_library.prefix / 'lib'}", "-o", app])
     done = subprocess.run([str(app)], capture_output=True, text=True, timeout=DEADLINE_S,
                           env={**os.environ, "LD_LIBRARY_PATH": str(c_library.prefix / "lib")})
-    assert done.returncode == 0 and done.stdout.split() == ["2.0.0", "2"], done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.split() == ["3.0.0", "3"], done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bindings_support import BINDINGS, DEADLINE_S, DEBIAN_PACKAGES, c_library, run  # noqa: F401 (fixture)
-from biref_sdk.files import Volume
+from biref_sdk.files import Consistency, Volume
 from biref_sdk.reconstruction import get_reconstructor
 from biref_sdk.streaming import protocol
 from biref_sdk.streaming.client import Subscriber
@@ -52,15 +52,21 @@ def test_wrapper_errors_timeouts_moves_and_views(cxx_build, tmp_path):
     program = cxx_build(BINDINGS / "cpp" / "tests" / "wrapper_check.cpp", "wrapper_check")
     geometry = tiny_geometry()
     shape, rng = geometry.volume_shape, np.random.default_rng(5)
-    v = Volume(rng.random(shape, np.float32) + 1.5, rng.random(shape, np.float32) + 1.5,
-               rng.random((3, *shape), np.float32), geometry.voxel_size_m, 1.54, {})
+    residual = np.full((2, geometry.n_views), np.nan)
+    residual[:, :2] = 0.25
+    trusted = Volume(rng.random(shape, np.float32) + 1.5, rng.random(shape, np.float32) + 1.5,
+                     rng.random((3, *shape), np.float32), geometry.voxel_size_m, 1.54, {},
+                     uncertainty=rng.random((3, *shape), np.float32),
+                     consistency=Consistency(residual, score=0.125, noise_floor=0.1, time_s=0.01))
+    plain = Volume(trusted.ne, trusted.no, trusted.director, geometry.voxel_size_m, 1.54, {})
     header = {"seq": 1, "acquisition_id": "cpp-µ", "complete": True, "views_used": 2, "views_expected": 2}
-    for i, frame in enumerate(protocol.encode_result("volume", header, v)):
-        (tmp_path / f"volume.{i}").write_bytes(bytes(memoryview(frame).cast("B")))
-    done = subprocess.run([str(program), str(tmp_path / "volume")], capture_output=True, text=True,
-                          timeout=DEADLINE_S)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["volume", "x".join(map(str, shape))]
+    for name, v, expected in (("plain", plain, []), ("trusted", trusted, ["consistency", "0.125"])):
+        for i, frame in enumerate(protocol.encode_result("volume", header, v)):
+            (tmp_path / f"{name}.{i}").write_bytes(bytes(memoryview(frame).cast("B")))
+        done = subprocess.run([str(program), str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=DEADLINE_S)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.split() == expected + ["volume", "x".join(map(str, shape))]
 
 
 class Serve:

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from bindings_support import DEADLINE_S, c_library  # noqa: F401 (fixture)
-from biref_sdk.files import Volume
+from biref_sdk.files import Consistency, Volume
 from biref_sdk.streaming import protocol
 from test_streaming_support import random_acquisition, tiny_geometry
 
@@ -31,6 +31,8 @@ def lib(c_library):
     lib.biref_result_text.argtypes = [P, C.c_char_p, C.c_char_p, C.c_int32]
     lib.biref_result_numbers.argtypes = [P, *([P] * 7)]
     lib.biref_result_copy_volume.argtypes = [P, P, P, P, C.c_uint64]
+    lib.biref_result_copy_uncertainty.argtypes = [P, P, C.c_uint64]
+    lib.biref_result_consistency.argtypes = [P, P, P]
     lib.biref_producer_open.argtypes = [C.POINTER(P), P, C.c_char_p, C.c_int]
     lib.biref_producer_start_flat.argtypes = [P, C.c_char_p, C.c_double, C.c_double, C.c_double, C.c_double,
                                               C.c_uint32, P, P, P, P, C.c_uint32, C.c_uint32, C.c_int32, P]
@@ -82,7 +84,7 @@ def _messages():
 
 
 def test_version(lib):
-    assert lib.biref_version() == b"2.0.0"
+    assert lib.biref_version() == b"3.0.0"
 
 
 def test_decoded_results_read_through_plain_types(lib):
@@ -118,6 +120,55 @@ def test_decoded_results_read_through_plain_types(lib):
     lib.biref_result_delete(result)
 
 
+def _consistency(lib, result) -> tuple[float, int]:
+    score, views = C.c_double(), C.c_int64()
+    assert lib.biref_result_consistency(result, C.byref(score), C.byref(views)) == OK
+    return score.value, views.value
+
+
+def test_the_trust_data_reads_through_plain_types(lib):
+    """biref/2: the uncertainty frame and the consistency score; a biref/1 volume still decodes."""
+    volume, (plain_message, _, _) = _messages()
+    residual = np.full((2, 37), np.nan)
+    residual[:, :3] = 0.5
+    volume.uncertainty = np.random.default_rng(2).random((3, *volume.shape), dtype=np.float32)
+    volume.consistency = Consistency(residual, score=0.375, noise_floor=0.25, time_s=0.01)
+    header = msgpack.unpackb(bytes(plain_message[1]))
+    trusted = protocol.encode_result("volume", {k: header[k] for k in ("seq", "acquisition_id", "complete")}, volume)
+    assert len(trusted) == 6
+    status, result = _decode(lib, trusted)
+    try:
+        assert status == OK and _consistency(lib, result) == (0.375, 6)
+        out = np.empty((3, *volume.shape), np.float32)
+        assert lib.biref_result_copy_uncertainty(result, out.ctypes.data_as(P), 23) == EINVAL
+        assert lib.biref_result_copy_uncertainty(result, out.ctypes.data_as(P), 24) == OK
+        np.testing.assert_array_equal(out, volume.uncertainty)
+    finally:
+        lib.biref_result_delete(result)
+    old = {**header, "protocol": "biref/1"}
+    del old["consistency"]
+    status, result = _decode(lib, [plain_message[0], msgpack.packb(old), *plain_message[2:]])
+    try:
+        score, views = _consistency(lib, result)
+        out = np.empty((3, *volume.shape), np.float32)
+        assert status == OK and np.isnan(score) and views == 0
+        assert lib.biref_result_copy_uncertainty(result, out.ctypes.data_as(P), 24) == ENOTFOUND
+    finally:
+        lib.biref_result_delete(result)
+    trusted_header = msgpack.unpackb(bytes(trusted[1]))
+    refused = [[*trusted[:5], bytes(trusted[5])[:-4]],                    # a short uncertainty frame
+               trusted[:5],                                               # announced, not sent
+               [*plain_message, trusted[5]],                              # sent, not announced
+               [trusted[0], msgpack.packb({**trusted_header, "consistency": {"score": "low"}}), *trusted[2:]],
+               [trusted[0], msgpack.packb({**trusted_header, "consistency": [0.5]}), *trusted[2:]]]
+    for frames in refused:
+        status, result = _decode(lib, frames)
+        lib.biref_result_delete(result)
+        assert status == EPROTO
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_result(frames)   # the Python client refuses the same messages
+
+
 def test_malformed_results_are_refused(lib):
     _, (volume_message, error_message, _) = _messages()
     header = bytes(error_message[1])
@@ -127,7 +178,7 @@ def test_malformed_results_are_refused(lib):
     # declared sizes far beyond the bytes: msgpack-c would reserve them before reading (200 GB, 1.5 MB each)
     bad += [[b"error", b"\xdf\xff\xff\xff\xff"], [b"error", b"\xdd\xff\xff\xff\xff"],
             [b"error", b"\x81\xa1k" + b"\xdc\xff\xff" * 1000], [b"error", b"\x91" * 100 + b"\xc0"]]
-    bad += [[b"error", msgpack.packb({"protocol": "biref/2", "type": "error"})],
+    bad += [[b"error", msgpack.packb({"protocol": "biref/3", "type": "error"})],
             [b"error", msgpack.packb({"protocol": "biref/1", "type": "status"})],
             [b"error", msgpack.packb({"protocol": "biref/1", "type": "error", 1: 2})]]
     for frames in bad:

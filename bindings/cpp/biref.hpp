@@ -1,4 +1,4 @@
-// biref.hpp - header-only C++17 wrapper of the biref/1 C binding (bindings/c/include/biref.h).
+// biref.hpp - header-only C++17 wrapper of the biref/2 C binding (bindings/c/include/biref.h).
 //
 // RAII owners of the C objects (producer, subscriber, result: move-only, closed/freed by their
 // destructors); failures throw biref::error (a std::runtime_error with the biref_status), except
@@ -9,6 +9,7 @@
 #define BIREF_HPP
 
 #include <array>
+#include <limits>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -97,6 +98,12 @@ public:
     floats ne() const noexcept { return {r_.ne, voxels()}; }                  // [Z][Y][X]
     floats no() const noexcept { return {r_.no, voxels()}; }                  // [Z][Y][X]
     floats director() const noexcept { return {r_.director, 3 * voxels()}; }  // [3][Z][Y][X]
+    // [3][Z][Y][X]: sigma n_e, sigma n_o, director spread (rad); empty when the engine gives none
+    floats uncertainty() const noexcept { return {r_.uncertainty, r_.uncertainty ? 3 * voxels() : 0}; }
+    // the physics consistency score (0: the volume explains the data); NaN when the check is off
+    double consistency_score() const noexcept { return r_.consistency_score; }
+    std::int64_t consistency_views() const noexcept { return r_.consistency_views; }
+    bool has_consistency() const noexcept { return r_.consistency_views > 0; }
     // the whole header as msgpack bytes (read other keys with msgpack-c)
     std::string_view header() const noexcept
     {
@@ -111,7 +118,11 @@ public:
     }
 
 private:
-    void reset_fields() noexcept { r_ = biref_result{}; }
+    void reset_fields() noexcept
+    {
+        r_ = biref_result{};
+        r_.consistency_score = std::numeric_limits<double>::quiet_NaN();
+    }
     biref_result r_;
 };
 

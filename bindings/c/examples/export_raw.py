@@ -26,7 +26,7 @@ def export(acquisition: str, out: str) -> None:
         holograms, background = f["holograms"][()], f["background"][()]
         attrs = {name: np.asarray(f.attrs[name]) for name in GEOMETRY}
     if holograms.dtype.name not in ("uint8", "uint16", "float32"):
-        raise SystemExit(f"frames of dtype {holograms.dtype} cannot travel in biref/1")
+        raise SystemExit(f"frames of dtype {holograms.dtype} cannot travel in the biref protocol")
     _, n_views, height, width = holograms.shape
     lines = ["# biref acquisition for bindings/c/examples/stream_acquisition.c", f"dtype {holograms.dtype.name}",
              f"hologram_shape {height} {width}", f"n_views {n_views}"]

@@ -309,8 +309,11 @@ int main(int argc, char **argv)
             printf("volume %s: complete %d, %lld/%lld views, %ux%ux%u, engine %s, %.1f ms after the last view\n",
                    r.acquisition_id, r.complete, (long long)r.views_used, (long long)r.views_expected,
                    (unsigned)r.shape[0], (unsigned)r.shape[1], (unsigned)r.shape[2], r.engine, r.latency_s * 1e3);
+            if (r.consistency_views > 0)
+                printf("consistency %.4f over %lld views\n", r.consistency_score, (long long)r.consistency_views);
             if (out != NULL && !(write_floats(out, "ne", r.ne, voxels) && write_floats(out, "no", r.no, voxels)
-                                 && write_floats(out, "director", r.director, 3 * voxels)))
+                                 && write_floats(out, "director", r.director, 3 * voxels)
+                                 && (r.uncertainty == NULL || write_floats(out, "uncertainty", r.uncertainty, 3 * voxels))))
                 exit_code = 1;
             biref_result_free(&r);
             break;

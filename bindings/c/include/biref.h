@@ -1,4 +1,4 @@
-/* biref.h - C99 binding of the biref/1 streaming protocol (docs/protocol.md) over libzmq.
+/* biref.h - C99 binding of the biref/2 streaming protocol (docs/protocol.md) over libzmq.
  *
  * The microscope side (a producer: start, background, view, stop over PUSH) and the consumer side
  * (a subscriber: volume, preview, error, status over SUB) of the biref SDK's streaming service
@@ -22,10 +22,10 @@ extern "C" {
 #endif
 
 /* the library's version (semantic versioning; bindings/README.md states the ABI policy) */
-#define BIREF_VERSION_MAJOR 2
+#define BIREF_VERSION_MAJOR 3
 #define BIREF_VERSION_MINOR 0
 #define BIREF_VERSION_PATCH 0
-#define BIREF_VERSION_STRING "2.0.0"
+#define BIREF_VERSION_STRING "3.0.0"
 
 /* Only the functions marked BIREF_API are exported from the shared library. Define BIREF_STATIC
  * when linking the static library on Windows. */
@@ -41,7 +41,7 @@ extern "C" {
 #  define BIREF_API
 #endif
 
-#define BIREF_PROTOCOL "biref/1"
+#define BIREF_PROTOCOL "biref/2"
 
 /* limits of docs/protocol.md (the service's defaults) */
 #define BIREF_MAX_HEADER_BYTES (64 * 1024)
@@ -56,12 +56,12 @@ typedef enum {
     BIREF_ENOMEM = -2,    /* out of memory */
     BIREF_EZMQ = -3,      /* libzmq failed: zmq_errno() and zmq_strerror() say why */
     BIREF_ETIMEOUT = -4,  /* nothing could be sent (back-pressure) or received within the timeout */
-    BIREF_EPROTO = -5,    /* data that break biref/1 or msgpack */
+    BIREF_EPROTO = -5,    /* data that break the protocol or msgpack */
     BIREF_ENOTFOUND = -6  /* no such field (biref_result_text) */
 } biref_status;
 
 BIREF_API const char *biref_strerror(int status);
-/* the version of the library loaded at run time ("2.0.0"); compare with BIREF_VERSION_STRING */
+/* the version of the library loaded at run time ("3.0.0"); compare with BIREF_VERSION_STRING */
 BIREF_API const char *biref_version(void);
 
 /* -- frames ------------------------------------------------------------------------------------ */
@@ -146,6 +146,9 @@ typedef struct {
     float *ne;                   /* [Z][Y][X], host byte order; owned by the result */
     float *no;                   /* [Z][Y][X] */
     float *director;             /* [3][Z][Y][X]: components x, y, z */
+    float *uncertainty;          /* [3][Z][Y][X]: sigma n_e, sigma n_o, director spread (rad); NULL if none */
+    double consistency_score;    /* the physics consistency score (docs/formats.md); NaN if none */
+    int64_t consistency_views;   /* views the consistency check re-simulated; 0 if none */
     /* error */
     char reason[32];
     char detail[512];            /* truncated if longer */
@@ -159,7 +162,7 @@ BIREF_API void biref_result_free(biref_result *result);   /* frees the arrays an
 
 /* Decode one result message from its frames (topic, header, and for volume/preview ne, no,
  * director), for a transport of your own; biref_subscriber_recv uses it. BIREF_EPROTO for a
- * message that breaks biref/1 (then `result` holds nothing to free). */
+ * message that breaks the protocol (then `result` holds nothing to free). */
 BIREF_API int biref_result_decode(biref_result *result, const void *const *frames, const size_t *sizes, int n_frames);
 
 typedef struct biref_subscriber biref_subscriber;
@@ -209,6 +212,12 @@ BIREF_API int biref_result_numbers(const biref_result *result, int64_t *seq, int
  * (director); BIREF_EINVAL when the result has no volume or n_voxels differs */
 BIREF_API int biref_result_copy_volume(const biref_result *result, float *ne, float *no, float *director,
                                        uint64_t n_voxels);
+/* copy the uncertainty [3][Z][Y][X] into a caller array of 3*n_voxels floats; BIREF_ENOTFOUND when
+ * the volume has none (the formula, or the network without quarter turns), BIREF_EINVAL as above */
+BIREF_API int biref_result_copy_uncertainty(const biref_result *result, float *uncertainty, uint64_t n_voxels);
+/* the consistency score (NaN when the service does not run the check) and the views it checked;
+ * either pointer may be NULL */
+BIREF_API int biref_result_consistency(const biref_result *result, double *score, int64_t *views_checked);
 
 #ifdef __cplusplus
 }

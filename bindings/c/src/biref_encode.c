@@ -1,4 +1,4 @@
-/* biref/1 headers of the microscope side (start, background, view, stop), packed by msgpack-c,
+/* biref/2 headers of the microscope side (start, background, view, stop), packed by msgpack-c,
  * and what the library's sources share. docs/protocol.md is the contract; the Python reference is
  * biref_sdk/streaming/protocol.py. */
 #include <math.h>
@@ -19,11 +19,11 @@ const char *biref_strerror(int status)
 {
     switch (status) {
     case BIREF_OK: return "success";
-    case BIREF_EINVAL: return "invalid argument for biref/1";
+    case BIREF_EINVAL: return "invalid argument for the biref protocol";
     case BIREF_ENOMEM: return "out of memory";
     case BIREF_EZMQ: return "libzmq error";
     case BIREF_ETIMEOUT: return "timed out";
-    case BIREF_EPROTO: return "message breaks biref/1";
+    case BIREF_EPROTO: return "message breaks the biref protocol";
     case BIREF_ENOTFOUND: return "key not found";
     default: return "unknown biref status";
     }

@@ -6,17 +6,21 @@
 
 #include "biref_internal.h"
 
-#define MAX_PARTS 5   /* topic, header, ne, no, director */
+#include <math.h>
 
-static const char *const VOLUME_ARRAYS[3] = {"ne", "no", "director"};
+#define MAX_PARTS 6   /* topic, header, ne, no, director, uncertainty */
+
+/* the payload frames' order: the volume, then (biref/2) the uncertainty when the engine gives one */
+static const char *const VOLUME_ARRAYS[4] = {"ne", "no", "director", "uncertainty"};
 
 void biref_result_free(biref_result *r)
 {
     free(r->ne);
     free(r->no);
     free(r->director);
+    free(r->uncertainty);
     free(r->header);
-    r->ne = r->no = r->director = NULL;
+    r->ne = r->no = r->director = r->uncertainty = NULL;
     r->header = NULL;
     r->header_size = 0;
 }
@@ -71,22 +75,59 @@ static int read_shape(const msgpack_object *o, uint32_t shape[3])
     return 1;
 }
 
-/* "arrays": exactly ["ne", "no", "director"], the order of the payload frames */
+/* "arrays": exactly ["ne", "no", "director"] or ["ne", "no", "director", "uncertainty"], the order
+   of the payload frames; returns how many (0: neither) */
 static int read_arrays(const msgpack_object *o)
 {
-    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 3)
+    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 3 || o->via.array.size > 4)
         return 0;
-    for (int i = 0; i < 3; i++)
+    for (uint32_t i = 0; i < o->via.array.size; i++)
         if (!is_text(&o->via.array.ptr[i], VOLUME_ARRAYS[i]))
             return 0;
-    return 1;
+    return (int)o->via.array.size;
 }
 
-/* Read the header map's known keys into `result` (unknown keys are ignored, as biref/1 asks);
-   `volume` is set when shape, dtype and arrays announce the volume payload of docs/protocol.md. */
+static int as_double(const msgpack_object *o, double *value)
+{
+    int64_t number;
+    if (o->type == MSGPACK_OBJECT_FLOAT64 || o->type == MSGPACK_OBJECT_FLOAT32) {
+        *value = o->via.f64;
+        return 1;
+    }
+    if (as_int(o, &number)) {
+        *value = (double)number;
+        return 1;
+    }
+    return 0;
+}
+
+/* "consistency": nil, or a map whose "score" is a number (and "views_checked" an integer) */
+static int read_consistency(const msgpack_object *o, biref_result *result)
+{
+    if (o->type == MSGPACK_OBJECT_NIL)
+        return BIREF_OK;
+    if (o->type != MSGPACK_OBJECT_MAP)
+        return BIREF_EPROTO;
+    for (uint32_t pair = 0; pair < o->via.map.size; pair++) {
+        const msgpack_object *key = &o->via.map.ptr[pair].key, *value = &o->via.map.ptr[pair].val;
+        int64_t number;
+        if (is_text(key, "score") && !as_double(value, &result->consistency_score))
+            return BIREF_EPROTO;
+        if (is_text(key, "views_checked")) {
+            if (!as_int(value, &number) || number < 0)
+                return BIREF_EPROTO;
+            result->consistency_views = number;
+        }
+    }
+    return BIREF_OK;
+}
+
+/* Read the header map's known keys into `result` (unknown keys are ignored, as the protocol asks);
+   `volume` is set to the number of payload arrays (3 or 4) when shape, dtype and arrays announce
+   the volume payload of docs/protocol.md, else 0. */
 static int read_header(const msgpack_object *map, const char *topic, biref_result *result, int *volume)
 {
-    int protocol_ok = 0, type_ok = 0, shape_ok = 0, dtype_ok = 0, arrays_ok = 0;
+    int protocol_ok = 0, type_ok = 0, shape_ok = 0, dtype_ok = 0, arrays = 0;
     if (map->type != MSGPACK_OBJECT_MAP)
         return BIREF_EPROTO;
     for (uint32_t pair = 0; pair < map->via.map.size; pair++) {
@@ -97,9 +138,13 @@ static int read_header(const msgpack_object *map, const char *topic, biref_resul
         if (is_text(key, "shape"))
             shape_ok = read_shape(o, result->shape);
         else if (is_text(key, "arrays"))
-            arrays_ok = read_arrays(o);
-        else if (is_text(key, "protocol"))
-            protocol_ok = is_text(o, BIREF_PROTOCOL);
+            arrays = read_arrays(o);
+        else if (is_text(key, "protocol"))   /* biref/2 results, and biref/1 from older services */
+            protocol_ok = is_text(o, BIREF_PROTOCOL) || is_text(o, "biref/1");
+        else if (is_text(key, "consistency")) {
+            if (read_consistency(o, result) != BIREF_OK)
+                return BIREF_EPROTO;
+        }
         else if (is_text(key, "type"))
             type_ok = is_text(o, topic);
         else if (is_text(key, "seq") && as_int(o, &number))
@@ -130,7 +175,7 @@ static int read_header(const msgpack_object *map, const char *topic, biref_resul
     }
     if (!protocol_ok || !type_ok)
         return BIREF_EPROTO;
-    *volume = shape_ok && dtype_ok && arrays_ok;
+    *volume = shape_ok && dtype_ok ? arrays : 0;
     return BIREF_OK;
 }
 
@@ -227,6 +272,7 @@ int biref_result_decode(biref_result *result, const void *const *frames, const s
     int topic, volume = 0, status;
     size_t voxels;
     memset(result, 0, sizeof *result);
+    result->consistency_score = NAN;
     if (n_parts < 2 || n_parts > MAX_PARTS)
         return BIREF_EPROTO;
     topic = biref_topic_index((const char *)frames[0], sizes[0]);
@@ -239,15 +285,17 @@ int biref_result_decode(biref_result *result, const void *const *frames, const s
         return status;
     if (topic >= 2)   /* error, status: a header only */
         status = n_parts == 2 ? BIREF_OK : BIREF_EPROTO;
-    else if (!volume || n_parts != 5)
+    else if (!volume || n_parts != 2 + volume)
         status = BIREF_EPROTO;
     else {
         voxels = (size_t)result->shape[0] * result->shape[1] * result->shape[2];
         if ((double)result->shape[0] * result->shape[1] * result->shape[2] > (double)BIREF_MAX_VOLUME_VOXELS)
             status = BIREF_EPROTO;
         else if ((status = copy_floats(frames[2], sizes[2], voxels, &result->ne)) == BIREF_OK
-                 && (status = copy_floats(frames[3], sizes[3], voxels, &result->no)) == BIREF_OK)
-            status = copy_floats(frames[4], sizes[4], 3 * voxels, &result->director);
+                 && (status = copy_floats(frames[3], sizes[3], voxels, &result->no)) == BIREF_OK
+                 && (status = copy_floats(frames[4], sizes[4], 3 * voxels, &result->director)) == BIREF_OK
+                 && volume == 4)
+            status = copy_floats(frames[5], sizes[5], 3 * voxels, &result->uncertainty);
     }
     if (status == BIREF_OK) {
         result->header_size = sizes[1];
@@ -256,8 +304,11 @@ int biref_result_decode(biref_result *result, const void *const *frames, const s
         else
             memcpy(result->header, frames[1], result->header_size);
     }
-    if (status != BIREF_OK)
+    if (status != BIREF_OK) {
         biref_result_free(result);
+        result->consistency_score = NAN;
+        result->consistency_views = 0;
+    }
     return status;
 }
 
@@ -331,5 +382,27 @@ int biref_result_copy_volume(const biref_result *r, float *ne, float *no, float 
     memcpy(ne, r->ne, n_voxels * sizeof(float));
     memcpy(no, r->no, n_voxels * sizeof(float));
     memcpy(director, r->director, 3 * n_voxels * sizeof(float));
+    return BIREF_OK;
+}
+
+int biref_result_copy_uncertainty(const biref_result *r, float *uncertainty, uint64_t n_voxels)
+{
+    if (r == NULL || r->ne == NULL || uncertainty == NULL
+        || n_voxels != (uint64_t)r->shape[0] * r->shape[1] * r->shape[2])
+        return BIREF_EINVAL;
+    if (r->uncertainty == NULL)
+        return BIREF_ENOTFOUND;
+    memcpy(uncertainty, r->uncertainty, 3 * n_voxels * sizeof(float));
+    return BIREF_OK;
+}
+
+int biref_result_consistency(const biref_result *r, double *score, int64_t *views_checked)
+{
+    if (r == NULL)
+        return BIREF_EINVAL;
+    if (score)
+        *score = r->consistency_score;
+    if (views_checked)
+        *views_checked = r->consistency_views;
     return BIREF_OK;
 }

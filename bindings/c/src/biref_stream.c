@@ -1,4 +1,4 @@
-/* biref/1 over libzmq: the producer (PUSH) and the subscriber (SUB). */
+/* biref/2 over libzmq: the producer (PUSH) and the subscriber (SUB). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime */
 #endif
@@ -192,7 +192,7 @@ void biref_producer_close(biref_producer *p, int linger_ms)
 }
 
 /* -- subscriber -------------------------------------------------------------------------------- */
-#define MAX_PARTS 5   /* topic, header, ne, no, director */
+#define MAX_PARTS 6   /* topic, header, ne, no, director, uncertainty */
 
 struct biref_subscriber {
     void *context;

@@ -94,7 +94,7 @@ int main(int argc, char **argv)
         biref_format format{static_cast<std::uint32_t>(hw[0]), static_cast<std::uint32_t>(hw[1]),
                             dtype == "uint8" ? BIREF_UINT8 : dtype == "float32" ? BIREF_FLOAT32 : BIREF_UINT16};
         if (biref_dtype_name(format.dtype) != dtype)
-            throw std::runtime_error("acquisition.txt: dtype " + dtype + " cannot travel in biref/1");
+            throw std::runtime_error("acquisition.txt: dtype " + dtype + " cannot travel in the biref protocol");
         biref_geometry g{};
         g.wavelength_m = numbers(m, "wavelength_m", 1)[0];
         g.medium_index = numbers(m, "medium_index", 1)[0];
@@ -135,10 +135,15 @@ int main(int argc, char **argv)
             std::cout << "volume " << id << ": complete " << r->complete() << ", " << r->views_used() << "/"
                       << r->views_expected() << " views, " << s[0] << "x" << s[1] << "x" << s[2] << ", engine "
                       << r->engine() << std::endl;
+            if (r->has_consistency())
+                std::cout << "consistency " << r->consistency_score() << " over " << r->consistency_views()
+                          << " views" << std::endl;
             if (!options["--out"].empty()) {
                 write_floats(options["--out"] + "_ne.raw", r->ne());
                 write_floats(options["--out"] + "_no.raw", r->no());
                 write_floats(options["--out"] + "_director.raw", r->director());
+                if (!r->uncertainty().empty())
+                    write_floats(options["--out"] + "_uncertainty.raw", r->uncertainty());
             }
             return 0;
         }

@@ -1,6 +1,7 @@
 // Checks of biref.hpp that need no service (tests/test_bindings_cpp.py): errors become
 // biref::error with the C status, a receive timeout is an empty optional, results move, and a
 // result's views cover the library's buffers. Exit status 0 when all hold; prints what failed.
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -42,28 +43,38 @@ int main(int argc, char **argv)
         EXPECT(status_of([&] { p.view("a", 2, 0, format, frame); }) == BIREF_EINVAL);  // polarization 2
         p.set_close_linger_ms(0);
     }
-    if (argc == 2) {   // a volume message as frames in files: argv[1] = prefix of PREFIX.0 ... PREFIX.4
-        std::string frames[5];
-        const void *data[5];
-        size_t sizes[5];
-        for (int i = 0; i < 5; i++) {
+    if (argc == 2) {   // a volume message as frames in files: argv[1] = prefix of PREFIX.0 ... PREFIX.5
+        std::string frames[6];
+        const void *data[6];
+        size_t sizes[6];
+        int n = 0;
+        for (int i = 0; i < 6; i++, n++) {
             std::FILE *f = std::fopen((std::string(argv[1]) + "." + std::to_string(i)).c_str(), "rb");
-            for (int c; f && (c = std::fgetc(f)) != EOF;)
+            if (!f)
+                break;   // the uncertainty frame is optional
+            for (int c; (c = std::fgetc(f)) != EOF;)
                 frames[i].push_back(static_cast<char>(c));
-            if (f)
-                std::fclose(f);
+            std::fclose(f);
             data[i] = frames[i].data();
             sizes[i] = frames[i].size();
         }
+        biref::result fresh;
+        EXPECT(std::isnan(fresh.consistency_score()) && !fresh.has_consistency() && fresh.uncertainty().empty());
         biref::result r;
-        biref::check(biref_result_decode(r.c_result_out(), data, sizes, 5), "decode");
+        biref::check(biref_result_decode(r.c_result_out(), data, sizes, n), "decode");
         biref::result moved(std::move(r));
-        EXPECT(!r.has_volume() && moved.has_volume());
+        EXPECT(!r.has_volume() && moved.has_volume() && std::isnan(r.consistency_score()));
         EXPECT(moved.ne().size() == moved.voxels() && moved.director().size() == 3 * moved.voxels());
         EXPECT(std::memcmp(moved.ne().data(), frames[2].data(), frames[2].size()) == 0);   // little-endian host
         EXPECT(std::memcmp(moved.director().data(), frames[4].data(), frames[4].size()) == 0);
         EXPECT(moved.topic() == "volume" && moved.acquisition_id() == "cpp-µ" && moved.complete());
         EXPECT(moved.header().size() == frames[1].size());
+        if (n == 6) {
+            EXPECT(moved.uncertainty().size() == 3 * moved.voxels());
+            EXPECT(std::memcmp(moved.uncertainty().data(), frames[5].data(), frames[5].size()) == 0);
+            EXPECT(moved.has_consistency() && moved.consistency_views() == 4);
+            std::printf("consistency %.3f\n", moved.consistency_score());
+        }
         std::printf("volume %ux%ux%u\n", moved.shape()[0], moved.shape()[1], moved.shape()[2]);
     }
     return failures != 0;
