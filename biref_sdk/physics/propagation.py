@@ -88,41 +88,70 @@ class MultiSlice:
         # grazing components (k_z -> 0) are far outside the pupil and carry no power; the floor
         # keeps their 1/k_z finite
         kz = np.maximum(grid.kz, 0.05 * km)
-        self._k_out = torch.as_tensor(np.stack([grid.kx, grid.ky, kz], 1) / km, dtype=self.real_dtype,
-                                      device=self.device)
-        self._inv_kz = torch.as_tensor(np.where(grid.propagating, 1.0 / kz, 0.0), dtype=self.real_dtype,
+        # The correction reaches the camera only through the pupil (what it scatters elsewhere
+        # comes back only at second order), so it is computed on the band of frequencies that holds
+        # every view's pupil, plus a margin: a fifth of the grid's frequencies in `small`.
+        H, W = g.hologram_shape
+        union = grid.pupil.any(0)
+        rows = np.flatnonzero(union.any(1))
+        cols = np.flatnonzero(union.any(0))
+        my = np.fft.fftfreq(H, 1.0 / H).round().astype(np.int64)
+        mx = np.fft.fftfreq(W, 1.0 / W).round().astype(np.int64)
+        reach_y, reach_x = np.abs(my[rows]).max() + 2, np.abs(mx[cols]).max() + 2
+        self._band_y = np.flatnonzero(np.abs(my) <= reach_y)
+        self._band_x = np.flatnonzero(np.abs(mx) <= reach_x)
+        band = np.ix_(np.arange(len(kz)), self._band_y, self._band_x)
+        self._band_freq = (torch.as_tensor(my[self._band_y], dtype=torch.float64),
+                           torch.as_tensor(mx[self._band_x], dtype=torch.float64))
+        self._k_out = torch.as_tensor(np.stack([grid.kx[band], grid.ky[band], kz[band]], 1) / km,
+                                      dtype=self.real_dtype, device=self.device)
+        self._inv_kz = torch.as_tensor(np.where(grid.propagating[band], 1.0 / kz[band], 0.0), dtype=self.real_dtype,
                                        device=self.device)
         uu = u1[:, :, None] * u1[:, None, :] + u2[:, :, None] * u2[:, None, :]
         self._jones_projector = torch.as_tensor(uu[:, :2] / grid.k_in[:, 2, None, None], dtype=self.dtype,
                                                 device=self.device)
         self._U = torch.as_tensor(np.stack([u1, u2], 2), dtype=self.real_dtype, device=self.device)
+        self._band_rows = torch.as_tensor(self._band_y, device=self.device)
+        self._band_cols = torch.as_tensor(self._band_x, device=self.device)
         self._T_inv = torch.linalg.inv(torch.as_tensor(transverse_matrix(g))).to(self.dtype).to(self.device)
 
     def _vector_correction(self, eps6: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, thickness_m: float,
                            origin: tuple[int, int]) -> torch.Tensor:
-        """Spectrum [2, V, 2, H, W] of (u1, u2) envelopes to add at the screen: vector first-order
-        (Born) scattering of the slice, ``i k0^2 dz / (2 k_z,out) (I - k^ k^T) p`` with
-        ``p = (eps - n_m^2 I) E``, minus what the Jones screen already scattered to first order,
-        ``i k0^2 dz / (2 k_z,in) U U^T p``. Zero at k_out = k_in, so slabs keep the Jones calculus."""
+        """Spectrum [2, V, 2, by, bx] on the band (``_band_y``, ``_band_x``) of (u1, u2) envelopes to
+        add at the screen: vector first-order (Born) scattering of the slice,
+        ``i k0^2 dz / (2 k_z,out) (I - k^ k^T) p`` with ``p = (eps - n_m^2 I) E``, minus what the Jones
+        screen already scattered to first order, ``i k0^2 dz / (2 k_z,in) U U^T p``. Zero at
+        k_out = k_in, so slabs keep the Jones calculus."""
         g = self.geometry
-        H, W = g.hologram_shape
         e = eps6.to(self.real_dtype)
         m2 = g.medium_index**2
         delta = ((e[0] - m2, e[3], e[4]), (e[3], e[1] - m2, e[5]), (e[4], e[5], e[2] - m2))
         U = self._U[None, :, :, :, None, None]
         E = [U[:, :, i, 0] * a1 + U[:, :, i, 1] * a2 for i in range(3)]
-        h, w = a1.shape[-2:]
-        source = torch.zeros(a1.shape[:2] + (3, H, W), dtype=self.dtype, device=self.device)
-        for i in range(3):
-            source[:, :, i, origin[0]:origin[0] + h, origin[1]:origin[1] + w] = (
-                delta[i][0] * E[0] + delta[i][1] * E[1] + delta[i][2] * E[2])
-        spectrum = torch.fft.fft2(source)  # [2, V, 3, H, W]
+        source = torch.stack([delta[i][0] * E[0] + delta[i][1] * E[1] + delta[i][2] * E[2] for i in range(3)], 2)
+        spectrum = self._band_dft(source, origin)  # [2, V, 3, by, bx]
         k = self._k_out[None]
         along = (k * spectrum).sum(2, keepdim=True)
         vector = (spectrum[:, :, :2] - k[:, :, :2] * along) * self._inv_kz[None, :, None]
-        jones = torch.einsum("vij,pvjyx->pviyx", self._jones_projector, spectrum)
-        transverse = (vector - jones) * (0.5j * g.k0_per_m**2 * thickness_m)
-        return torch.einsum("vij,pvjyx->pviyx", self._T_inv, transverse)
+        P = self._jones_projector[None, :, :, :, None, None]  # [1, V, 2, 3, 1, 1]
+        jones = [P[:, :, i, 0] * spectrum[:, :, 0] + P[:, :, i, 1] * spectrum[:, :, 1] + P[:, :, i, 2] * spectrum[:, :, 2]
+                 for i in range(2)]
+        scale = 0.5j * g.k0_per_m**2 * thickness_m
+        t0, t1 = (vector[:, :, i] - jones[i] for i in range(2))
+        T = self._T_inv[None, :, :, :, None, None]
+        return torch.stack([T[:, :, i, 0] * t0 + T[:, :, i, 1] * t1 for i in range(2)], 2) * scale
+
+    def _band_dft(self, window: torch.Tensor, origin: tuple[int, int]) -> torch.Tensor:
+        """The camera grid's DFT, on the band only, of an array that is zero outside the window
+        ``window`` [..., h, w] at ``origin`` (row, col): two small matrix products, not a full FFT."""
+        H, W = self.geometry.hologram_shape
+        h, w = window.shape[-2:]
+        fy, fx = self._band_freq
+        rows = torch.arange(origin[0], origin[0] + h, dtype=torch.float64)
+        cols = torch.arange(origin[1], origin[1] + w, dtype=torch.float64)
+        dft_y = torch.exp(-2j * math.pi * fy[:, None] * rows[None, :] / H).to(self.dtype).to(self.device)  # [by, h]
+        dft_x = torch.exp(-2j * math.pi * cols[:, None] * fx[None, :] / W).to(self.dtype).to(self.device)  # [w, bx]
+        return dft_y @ window @ dft_x
 
     def _kernel(self, distance_m: float) -> torch.Tensor:
         """Angular-spectrum propagator of the envelope over ``distance_m`` [V, H, W], cached."""
@@ -142,8 +171,9 @@ class MultiSlice:
         if pupil:
             kernel = kernel * self._pupil.to(self.device)
         spectrum = torch.fft.fft2(field)
-        if added_spectrum is not None:
-            spectrum.add_(added_spectrum)
+        if added_spectrum is not None:  # the vector correction, on its band
+            band = (Ellipsis, self._band_rows[:, None], self._band_cols[None, :])
+            spectrum[band] = spectrum[band] + added_spectrum
         spectrum.mul_(kernel[:, None])  # broadcast over components; in place saves an allocation per slice
         return torch.fft.ifft2(spectrum, out=spectrum)
 
