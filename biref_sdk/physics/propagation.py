@@ -79,7 +79,8 @@ class MultiSlice:
         self._carrier = torch.exp(1j * phase).to(dtype=dtype, device=self.device)  # [V, H, W]
 
     def _vector_setup(self) -> None:
-        """Per view: the outgoing directions k^ [V, 3, H, W] and 1/k_z (propagating components only),
+        """Per view: the outgoing directions k^ [V, 3, B, B] and 1/k_z (propagating components only) on
+        the view's box of frequencies,
         the Jones screen's projector (U U^T)_T,: / k_z,in [V, 2, 3], U [V, 3, 2] and T^-1 [V, 2, 2]."""
         g = self.geometry
         grid = ViewWavevectors.of(g)
@@ -89,35 +90,44 @@ class MultiSlice:
         # keeps their 1/k_z finite
         kz = np.maximum(grid.kz, 0.05 * km)
         # The correction reaches the camera only through the pupil (what it scatters elsewhere
-        # comes back only at second order), so it is computed on the band of frequencies that holds
-        # every view's pupil, plus a margin: a fifth of the grid's frequencies in `small`.
+        # comes back only at second order), so it is computed per view on the square of envelope
+        # frequencies around that view's pupil, plus a margin: 5 % of the grid's frequencies in `small`.
         H, W = g.hologram_shape
-        union = grid.pupil.any(0)
-        rows = np.flatnonzero(union.any(1))
-        cols = np.flatnonzero(union.any(0))
+        V = len(kz)
         my = np.fft.fftfreq(H, 1.0 / H).round().astype(np.int64)
         mx = np.fft.fftfreq(W, 1.0 / W).round().astype(np.int64)
-        reach_y, reach_x = np.abs(my[rows]).max() + 2, np.abs(mx[cols]).max() + 2
-        self._band_y = np.flatnonzero(np.abs(my) <= reach_y)
-        self._band_x = np.flatnonzero(np.abs(mx) <= reach_x)
-        band = np.ix_(np.arange(len(kz)), self._band_y, self._band_x)
-        self._band_freq = (torch.as_tensor(my[self._band_y], dtype=torch.float64),
-                           torch.as_tensor(mx[self._band_x], dtype=torch.float64))
-        self._k_out = torch.as_tensor(np.stack([grid.kx[band], grid.ky[band], kz[band]], 1) / km,
-                                      dtype=self.real_dtype, device=self.device)
-        self._inv_kz = torch.as_tensor(np.where(grid.propagating[band], 1.0 / kz[band], 0.0), dtype=self.real_dtype,
+        centres, half = [], 0
+        for v in range(V):
+            rows, cols = np.nonzero(grid.pupil[v])
+            lo_y, hi_y, lo_x, hi_x = my[rows].min(), my[rows].max(), mx[cols].min(), mx[cols].max()
+            centres.append(((lo_y + hi_y) // 2, (lo_x + hi_x) // 2))
+            half = max(half, hi_y - (lo_y + hi_y) // 2, (lo_y + hi_y) // 2 - lo_y,
+                       hi_x - (lo_x + hi_x) // 2, (lo_x + hi_x) // 2 - lo_x)
+        side = np.arange(-(half + 2), half + 3)
+        box_y = np.array([c[0] for c in centres])[:, None] + side[None, :]  # [V, B] signed frequencies
+        box_x = np.array([c[1] for c in centres])[:, None] + side[None, :]
+        # the DFT rows of every box frequency over the whole camera grid; a slice's window takes its part
+        self._dft_y = torch.as_tensor(np.exp(-2j * np.pi * box_y[:, :, None] * np.arange(H) / H), dtype=self.dtype,
+                                      device=self.device)  # [V, B, H]
+        self._dft_x = torch.as_tensor(np.exp(-2j * np.pi * np.arange(W)[:, None] * box_x[:, None, :] / W),
+                                      dtype=self.dtype, device=self.device)  # [V, W, B]
+        rows, cols = box_y % H, box_x % W  # FFT-order indices
+        views = np.arange(V)[:, None, None]
+        box = (views, rows[:, :, None], cols[:, None, :])
+        self._box_flat = torch.as_tensor((rows[:, :, None] * W + cols[:, None, :]).reshape(V, -1), device=self.device)
+        self._k_out = torch.as_tensor(np.stack([grid.kx[box], grid.ky[box], kz[box]], 1) / km,
+                                      dtype=self.real_dtype, device=self.device)  # [V, 3, B, B]
+        self._inv_kz = torch.as_tensor(np.where(grid.propagating[box], 1.0 / kz[box], 0.0), dtype=self.real_dtype,
                                        device=self.device)
         uu = u1[:, :, None] * u1[:, None, :] + u2[:, :, None] * u2[:, None, :]
         self._jones_projector = torch.as_tensor(uu[:, :2] / grid.k_in[:, 2, None, None], dtype=self.dtype,
                                                 device=self.device)
         self._U = torch.as_tensor(np.stack([u1, u2], 2), dtype=self.real_dtype, device=self.device)
-        self._band_rows = torch.as_tensor(self._band_y, device=self.device)
-        self._band_cols = torch.as_tensor(self._band_x, device=self.device)
         self._T_inv = torch.linalg.inv(torch.as_tensor(transverse_matrix(g))).to(self.dtype).to(self.device)
 
     def _vector_correction(self, eps6: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, thickness_m: float,
                            origin: tuple[int, int]) -> torch.Tensor:
-        """Spectrum [2, V, 2, by, bx] on the band (``_band_y``, ``_band_x``) of (u1, u2) envelopes to
+        """Spectrum [2, V, 2, B, B] on each view's box (``_dft_y``, ``_dft_x``) of (u1, u2) envelopes to
         add at the screen: vector first-order (Born) scattering of the slice,
         ``i k0^2 dz / (2 k_z,out) (I - k^ k^T) p`` with ``p = (eps - n_m^2 I) E``, minus what the Jones
         screen already scattered to first order, ``i k0^2 dz / (2 k_z,in) U U^T p``. Zero at
@@ -129,7 +139,7 @@ class MultiSlice:
         U = self._U[None, :, :, :, None, None]
         E = [U[:, :, i, 0] * a1 + U[:, :, i, 1] * a2 for i in range(3)]
         source = torch.stack([delta[i][0] * E[0] + delta[i][1] * E[1] + delta[i][2] * E[2] for i in range(3)], 2)
-        spectrum = self._band_dft(source, origin)  # [2, V, 3, by, bx]
+        spectrum = self._box_dft(source, origin)  # [2, V, 3, B, B]
         k = self._k_out[None]
         along = (k * spectrum).sum(2, keepdim=True)
         vector = (spectrum[:, :, :2] - k[:, :, :2] * along) * self._inv_kz[None, :, None]
@@ -141,17 +151,14 @@ class MultiSlice:
         T = self._T_inv[None, :, :, :, None, None]
         return torch.stack([T[:, :, i, 0] * t0 + T[:, :, i, 1] * t1 for i in range(2)], 2) * scale
 
-    def _band_dft(self, window: torch.Tensor, origin: tuple[int, int]) -> torch.Tensor:
-        """The camera grid's DFT, on the band only, of an array that is zero outside the window
-        ``window`` [..., h, w] at ``origin`` (row, col): two small matrix products, not a full FFT."""
-        H, W = self.geometry.hologram_shape
+    def _box_dft(self, window: torch.Tensor, origin: tuple[int, int]) -> torch.Tensor:
+        """The camera grid's DFT, on each view's box only, of an array [2, V, c, H, W] that is zero
+        outside ``window`` [2, V, c, h, w] at ``origin`` (row, col): two small matrix products per
+        view, much cheaper than a full FFT of every component."""
         h, w = window.shape[-2:]
-        fy, fx = self._band_freq
-        rows = torch.arange(origin[0], origin[0] + h, dtype=torch.float64)
-        cols = torch.arange(origin[1], origin[1] + w, dtype=torch.float64)
-        dft_y = torch.exp(-2j * math.pi * fy[:, None] * rows[None, :] / H).to(self.dtype).to(self.device)  # [by, h]
-        dft_x = torch.exp(-2j * math.pi * cols[:, None] * fx[None, :] / W).to(self.dtype).to(self.device)  # [w, bx]
-        return dft_y @ window @ dft_x
+        dft_y = self._dft_y[:, :, origin[0]:origin[0] + h]  # [V, B, h]
+        dft_x = self._dft_x[:, origin[1]:origin[1] + w]  # [V, w, B]
+        return dft_y[None, :, None] @ window @ dft_x[None, :, None]
 
     def _kernel(self, distance_m: float) -> torch.Tensor:
         """Angular-spectrum propagator of the envelope over ``distance_m`` [V, H, W], cached."""
@@ -171,9 +178,10 @@ class MultiSlice:
         if pupil:
             kernel = kernel * self._pupil.to(self.device)
         spectrum = torch.fft.fft2(field)
-        if added_spectrum is not None:  # the vector correction, on its band
-            band = (Ellipsis, self._band_rows[:, None], self._band_cols[None, :])
-            spectrum[band] = spectrum[band] + added_spectrum
+        if added_spectrum is not None:  # the vector correction, on each view's box
+            flat = spectrum.view(*spectrum.shape[:3], -1)
+            index = self._box_flat[None, :, None].expand(*flat.shape[:3], -1)
+            flat.scatter_add_(3, index, added_spectrum.reshape(*flat.shape[:3], -1))
         spectrum.mul_(kernel[:, None])  # broadcast over components; in place saves an allocation per slice
         return torch.fft.ifft2(spectrum, out=spectrum)
 
