@@ -15,18 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from bindings_support import BINDINGS, DEADLINE_S, DEBIAN_PACKAGES, c_library, run  # noqa: F401 (fixture)
-from biref_sdk.files import Consistency, Volume
+from bindings_support import BINDINGS, DEADLINE_S, DEBIAN_PACKAGES, c_library, run, volume_message  # noqa: F401
 from biref_sdk.reconstruction import get_reconstructor
-from biref_sdk.streaming import protocol
 from biref_sdk.streaming.client import Subscriber
 from biref_sdk.streaming.microscope import SimulatedMicroscope
 from test_bindings_c import _export, assert_equals_python_client, read_streamed_volume
 from test_streaming_e2e import assert_same_volume
-from test_streaming_support import tiny_geometry
 
 CXXFLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror"]
 
@@ -50,19 +46,15 @@ def cxx_build(c_library, tmp_path_factory):
 
 def test_wrapper_errors_timeouts_moves_and_views(cxx_build, tmp_path):
     program = cxx_build(BINDINGS / "cpp" / "tests" / "wrapper_check.cpp", "wrapper_check")
-    geometry = tiny_geometry()
-    shape, rng = geometry.volume_shape, np.random.default_rng(5)
-    residual = np.full((2, geometry.n_views), np.nan)
-    residual[:, :2] = 0.25
-    trusted = Volume(rng.random(shape, np.float32) + 1.5, rng.random(shape, np.float32) + 1.5,
-                     rng.random((3, *shape), np.float32), geometry.voxel_size_m, 1.54, {},
-                     uncertainty=rng.random((3, *shape), np.float32),
-                     consistency=Consistency(residual, score=0.125, noise_floor=0.1, time_s=0.01))
-    plain = Volume(trusted.ne, trusted.no, trusted.director, geometry.voxel_size_m, 1.54, {})
-    header = {"seq": 1, "acquisition_id": "cpp-µ", "complete": True, "views_used": 2, "views_expected": 2}
-    for name, v, expected in (("plain", plain, []), ("trusted", trusted, ["consistency", "0.125"])):
-        for i, frame in enumerate(protocol.encode_result("volume", header, v)):
-            (tmp_path / f"{name}.{i}").write_bytes(bytes(memoryview(frame).cast("B")))
+    # packed by hand (bindings_support.volume_message): a biref/1 volume and a biref/2 one with its trust data
+    shape = (4, 8, 8)
+    check = {"score": 0.125, "noise_floor": 0.1, "views_checked": 4, "time_s": 0.01,
+             "residual": [[0.25, 0.25, None], [0.25, 0.25, None]]}
+    plain, _ = volume_message("biref/1", shape, uncertainty=False, acquisition_id="cpp-µ")
+    trusted, _ = volume_message("biref/2", shape, uncertainty=True, consistency=check, acquisition_id="cpp-µ")
+    for name, frames, expected in (("plain", plain, []), ("trusted", trusted, ["consistency", "0.125"])):
+        for i, frame in enumerate(frames):
+            (tmp_path / f"{name}.{i}").write_bytes(frame)
         done = subprocess.run([str(program), str(tmp_path / name)], capture_output=True, text=True,
                               timeout=DEADLINE_S)
         assert done.returncode == 0, done.stdout + done.stderr

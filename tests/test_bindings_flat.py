@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
-from bindings_support import DEADLINE_S, c_library  # noqa: F401 (fixture)
+from bindings_support import DEADLINE_S, c_library, flat_library, decode as _decode  # noqa: F401 (fixture)
 from biref_sdk.files import Consistency, Volume
 from biref_sdk.streaming import protocol
 from test_streaming_support import random_acquisition, tiny_geometry
@@ -23,34 +23,7 @@ P = C.c_void_p
 
 @pytest.fixture(scope="module")
 def lib(c_library):
-    lib = C.CDLL(str(c_library.shared))
-    lib.biref_version.restype = C.c_char_p
-    lib.biref_result_new.restype = P
-    lib.biref_result_delete.argtypes = [P]
-    lib.biref_result_decode.argtypes = [P, C.POINTER(P), C.POINTER(C.c_size_t), C.c_int]
-    lib.biref_result_text.argtypes = [P, C.c_char_p, C.c_char_p, C.c_int32]
-    lib.biref_result_numbers.argtypes = [P, *([P] * 7)]
-    lib.biref_result_copy_volume.argtypes = [P, P, P, P, C.c_uint64]
-    lib.biref_result_copy_uncertainty.argtypes = [P, P, C.c_uint64]
-    lib.biref_result_consistency.argtypes = [P, P, P]
-    lib.biref_producer_open.argtypes = [C.POINTER(P), P, C.c_char_p, C.c_int]
-    lib.biref_producer_start_flat.argtypes = [P, C.c_char_p, C.c_double, C.c_double, C.c_double, C.c_double,
-                                              C.c_uint32, P, P, P, P, C.c_uint32, C.c_uint32, C.c_int32, P]
-    lib.biref_producer_frame_flat.argtypes = [P, C.c_int32, C.c_char_p, C.c_int32, C.c_uint32, C.c_uint32,
-                                              C.c_uint32, C.c_int32, P]
-    lib.biref_producer_stop.argtypes = [P, C.c_char_p]
-    lib.biref_producer_close.argtypes = [P, C.c_int]
-    return lib
-
-
-def _decode(lib, frames):
-    """(status, result handle) of biref_result_decode on these frames; delete the handle after."""
-    blobs = [bytes(memoryview(f).cast("B")) for f in frames]
-    buffers = [C.create_string_buffer(b, len(b)) for b in blobs]
-    pointers = (P * len(blobs))(*[C.cast(b, P) for b in buffers])
-    sizes = (C.c_size_t * len(blobs))(*[len(b) for b in blobs])
-    result = lib.biref_result_new()
-    return lib.biref_result_decode(result, pointers, sizes, len(blobs)), result
+    return flat_library(c_library.shared)
 
 
 def _text(lib, result, field: str) -> str:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from bindings_support import C_DIR, DEBIAN_PACKAGES, pkg_flags
+from bindings_support import C_DIR, DEBIAN_PACKAGES, pkg_flags, volume_message
 from test_bindings_flat import _messages
 
 FUZZ_SECONDS = int(os.environ.get("BIREF_FUZZ_SECONDS", "60"))
@@ -23,6 +23,16 @@ def fuzz_input(frames) -> bytes:
     2-byte little-endian length and its bytes, then the last frame."""
     blobs = [bytes(memoryview(f).cast("B")) for f in frames]
     return bytes([len(blobs) - 1]) + b"".join(len(b).to_bytes(2, "little") + b for b in blobs[:-1]) + blobs[-1]
+
+
+def seed_messages() -> list:
+    """Real messages of the service (volume, error, status), a biref/2 volume with all 6 frames
+    (uncertainty, consistency) and a biref/1 one, packed by hand."""
+    _, messages = _messages()
+    consistency = {"score": 0.25, "noise_floor": 0.125, "views_checked": 2, "time_s": 0.5,
+                   "residual": [[0.25, None], [0.5, None]]}
+    return messages + [volume_message("biref/2", uncertainty=True, consistency=consistency)[0],
+                       volume_message("biref/1", uncertainty=False)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,7 @@ def fuzzer(tmp_path_factory):
 
 def test_seed_messages_decode(fuzzer, tmp_path):
     """The seeds are messages the target decodes (so the fuzzer starts from the accepting paths)."""
-    _, messages = _messages()
-    for i, frames in enumerate(messages):
+    for i, frames in enumerate(seed_messages()):
         (tmp_path / f"seed{i}").write_bytes(fuzz_input(frames))
     done = subprocess.run([str(fuzzer), *sorted(map(str, tmp_path.iterdir()))], capture_output=True, text=True,
                           timeout=120)
@@ -59,8 +68,7 @@ def test_seed_messages_decode(fuzzer, tmp_path):
 def test_result_decoding_survives_fuzzing(fuzzer, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    _, messages = _messages()
-    for i, frames in enumerate(messages):
+    for i, frames in enumerate(seed_messages()):
         (corpus / f"seed{i}").write_bytes(fuzz_input(frames))
     done = subprocess.run([str(fuzzer), f"-max_total_time={FUZZ_SECONDS}", "-rss_limit_mb=2048", "-timeout=10",
                            "-print_final_stats=1", f"-artifact_prefix={tmp_path}/", str(corpus)],

@@ -9,9 +9,9 @@
 #define BIREF_HPP
 
 #include <array>
-#include <limits>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -100,7 +100,8 @@ public:
     floats director() const noexcept { return {r_.director, 3 * voxels()}; }  // [3][Z][Y][X]
     // [3][Z][Y][X]: sigma n_e, sigma n_o, director spread (rad); empty when the engine gives none
     floats uncertainty() const noexcept { return {r_.uncertainty, r_.uncertainty ? 3 * voxels() : 0}; }
-    // the physics consistency score (0: the volume explains the data); NaN when the check is off
+    // the consistency score: the median relative residual of the re-simulated fields over the
+    // checked views (lower is better); NaN when the service does not run the check
     double consistency_score() const noexcept { return r_.consistency_score; }
     std::int64_t consistency_views() const noexcept { return r_.consistency_views; }
     bool has_consistency() const noexcept { return r_.consistency_views > 0; }

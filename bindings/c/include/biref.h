@@ -147,7 +147,8 @@ typedef struct {
     float *no;                   /* [Z][Y][X] */
     float *director;             /* [3][Z][Y][X]: components x, y, z */
     float *uncertainty;          /* [3][Z][Y][X]: sigma n_e, sigma n_o, director spread (rad); NULL if none */
-    double consistency_score;    /* the physics consistency score (docs/formats.md); NaN if none */
+    double consistency_score;    /* median relative residual of the re-simulated fields over the checked
+                                    views (lower is better; docs/formats.md); NaN if none */
     int64_t consistency_views;   /* views the consistency check re-simulated; 0 if none */
     /* error */
     char reason[32];
@@ -161,8 +162,10 @@ typedef struct {
 BIREF_API void biref_result_free(biref_result *result);   /* frees the arrays and the header; the struct stays */
 
 /* Decode one result message from its frames (topic, header, and for volume/preview ne, no,
- * director), for a transport of your own; biref_subscriber_recv uses it. BIREF_EPROTO for a
- * message that breaks the protocol (then `result` holds nothing to free). */
+ * director and, when the header's arrays announce it, uncertainty), for a transport of your own;
+ * biref_subscriber_recv uses it. Results of biref/2 and of biref/1 (no uncertainty, no
+ * consistency) decode. BIREF_EPROTO for a message that breaks the protocol (then `result` holds
+ * nothing to free). */
 BIREF_API int biref_result_decode(biref_result *result, const void *const *frames, const size_t *sizes, int n_frames);
 
 typedef struct biref_subscriber biref_subscriber;
@@ -199,7 +202,8 @@ BIREF_API int biref_producer_frame_flat(biref_producer *producer, int32_t kind, 
                                         int32_t polarization, uint32_t view, uint32_t height, uint32_t width,
                                         int32_t dtype, const void *frame);
 
-/* a zeroed result on the heap (for callers that cannot lay out biref_result); NULL out of memory */
+/* an empty result on the heap (for callers that cannot lay out biref_result): zeroed, its
+ * consistency_score NaN; NULL out of memory */
 BIREF_API biref_result *biref_result_new(void);
 BIREF_API void biref_result_delete(biref_result *result);   /* frees its contents and itself */
 /* field: "topic", "acquisition_id", "engine", "reason" or "detail"; copies it NUL-terminated into

@@ -1,12 +1,11 @@
 /* Decoding of result messages (volume, preview, error, status) with msgpack-c: the untrusted
  * input of a subscriber (fuzzed by bindings/c/fuzz/fuzz_result.c). */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <msgpack.h>
 
 #include "biref_internal.h"
-
-#include <math.h>
 
 #define MAX_PARTS 6   /* topic, header, ne, no, director, uncertainty */
 
@@ -141,7 +140,8 @@ static int read_header(const msgpack_object *map, const char *topic, biref_resul
             arrays = read_arrays(o);
         else if (is_text(key, "protocol"))   /* biref/2 results, and biref/1 from older services */
             protocol_ok = is_text(o, BIREF_PROTOCOL) || is_text(o, "biref/1");
-        else if (is_text(key, "consistency")) {
+        else if (is_text(key, "consistency") && (strcmp(topic, "volume") == 0 || strcmp(topic, "preview") == 0)) {
+            /* a volume's key: on error and status it is an unknown key, ignored (as by the Python client) */
             if (read_consistency(o, result) != BIREF_OK)
                 return BIREF_EPROTO;
         }
@@ -267,6 +267,15 @@ static int copy_floats(const void *frame, size_t size, size_t count, float **out
     return BIREF_OK;
 }
 
+/* a refused message leaves no arrays and no trust data (flat callers read the result anyway) */
+static int refuse(biref_result *result, int status)
+{
+    biref_result_free(result);
+    result->consistency_score = NAN;
+    result->consistency_views = 0;
+    return status;
+}
+
 int biref_result_decode(biref_result *result, const void *const *frames, const size_t *sizes, int n_parts)
 {
     int topic, volume = 0, status;
@@ -282,7 +291,7 @@ int biref_result_decode(biref_result *result, const void *const *frames, const s
     status = decode_header((const uint8_t *)frames[1], sizes[1], biref_topics[topic], result,
                            &volume);
     if (status != BIREF_OK)
-        return status;
+        return refuse(result, status);   /* the header may have been read in part */
     if (topic >= 2)   /* error, status: a header only */
         status = n_parts == 2 ? BIREF_OK : BIREF_EPROTO;
     else if (!volume || n_parts != 2 + volume)
@@ -304,19 +313,17 @@ int biref_result_decode(biref_result *result, const void *const *frames, const s
         else
             memcpy(result->header, frames[1], result->header_size);
     }
-    if (status != BIREF_OK) {
-        biref_result_free(result);
-        result->consistency_score = NAN;
-        result->consistency_views = 0;
-    }
-    return status;
+    return status == BIREF_OK ? status : refuse(result, status);
 }
 
 
 /* -- flat accessors (LabVIEW, C#) -------------------------------------------------------------- */
 biref_result *biref_result_new(void)
 {
-    return calloc(1, sizeof(biref_result));
+    biref_result *result = calloc(1, sizeof(biref_result));
+    if (result != NULL)
+        result->consistency_score = NAN;   /* "none", as after a decode without one */
+    return result;
 }
 
 void biref_result_delete(biref_result *result)

@@ -3,6 +3,7 @@
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime */
 #endif
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zmq.h>
@@ -307,6 +308,7 @@ int biref_subscriber_recv(biref_subscriber *s, biref_result *result, int timeout
     int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
     zmq_msg_t parts[MAX_PARTS + 1];
     memset(result, 0, sizeof *result);
+    result->consistency_score = NAN;   /* a timeout leaves "no score", not 0 */
     for (;;) {
         zmq_pollitem_t item;
         long wait = -1;
