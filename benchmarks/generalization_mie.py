@@ -1,13 +1,15 @@
-"""The same isotropic spheres imaged by exact Mie scattering (independent physics) and by the SDK's
-simulator, reconstructed by the formula and by models: does a model do as well on the independent
-physics as on the simulator it was trained on?
+"""The same samples imaged by independent physics and by the SDK's simulator, reconstructed by the
+formula and by models: does a model do as well on the independent physics as on the simulator it
+was trained on? Isotropic spheres by exact Mie scattering (tests/mie_reference.py); with ``--lc``
+also liquid-crystal droplets by the discrete dipole approximation (tests/dda_reference.py, 33 nm
+lattice: 0.4-0.6 % from exact Mie; a few minutes per droplet).
 
     python benchmarks/generalization_mie.py --model shipped=trained_models/biref_small.h5 \\
-        [--model new=run/best.h5] [--out benchmarks/results/generalization_mie.json]
+        [--model new=run/best.h5] [--lc] [--no-spheres] [--out benchmarks/results/generalization_mie.json]
 
 Both acquisitions are noise-free float frames of the hologram model (``holography.intensity`` of
 illumination + field), so the physics is the only difference; the truth of both is the simulator's
-voxel-averaged sphere. Needs the test dependency miepython (tests/mie_reference.py).
+voxel-averaged sample. Needs the test dependencies miepython and scipy.
 """
 from __future__ import annotations
 
@@ -27,27 +29,51 @@ from _common import code_version, machine  # noqa: E402
 SPHERES = ((0.9e-6, 1.552), (0.6e-6, 1.545), (1.2e-6, 1.560), (0.9e-6, 1.5415))
 
 
-def acquisitions(radius_m: float, index: float):
+# liquid-crystal droplets for --lc (n_m 1.54): radial, bipolar along z and along a tilted axis
+LC_DROPLETS = (("radial", (0.0, 0.0, 1.0), 1.565, 1.548), ("bipolar", (0.0, 0.0, 1.0), 1.565, 1.548),
+               ("bipolar", (1.0, 1.0, 1.0), 1.562, 1.546))
+LC_RADIUS_M = 0.7e-6
+
+
+def acquisitions(sample, reference_name: str, scattered) -> dict:
+    """Noise-free acquisitions of ``sample`` by the simulator and by independent physics whose
+    pupil-limited scattered fields are ``scattered`` [2, V, 2, H, W]."""
     import torch
 
     from biref_sdk.files import Acquisition
     from biref_sdk.geometry import preset
     from biref_sdk.holography import intensity
-    from biref_sdk.samples import sphere_sample
     from biref_sdk.simulate import Simulator
-    from mie_reference import mie_scattered_fields
 
     g = preset("small")
     simulator = Simulator(g)
-    sample = sphere_sample(g, radius_m, index)
-    truth = sample.truth()
     illumination = simulator.background_fields()
     background = intensity(illumination, g).numpy()
-    mie = illumination.to(torch.complex128) + torch.from_numpy(mie_scattered_fields(g, radius_m, index))
-    made = {"exact Mie": intensity(mie, g).numpy(), "simulator": intensity(simulator.fields(sample), g).numpy()}
-    return {name: Acquisition(holograms=frames, background=background, geometry=g, truth=truth,
-                              parameters={"sphere_radius_m": radius_m, "sphere_index": index, "physics": name})
-            for name, frames in made.items()}
+    reference = illumination.to(torch.complex128) + torch.from_numpy(scattered)
+    made = {reference_name: intensity(reference, g).numpy(), "simulator": intensity(simulator.fields(sample), g).numpy()}
+    return {name: Acquisition(holograms=frames, background=background, geometry=g, truth=sample.truth(),
+                              parameters={"physics": name}) for name, frames in made.items()}
+
+
+def sphere_acquisitions(radius_m: float, index: float) -> dict:
+    from biref_sdk.geometry import preset
+    from biref_sdk.samples import sphere_sample
+    from mie_reference import mie_scattered_fields
+
+    g = preset("small")
+    return acquisitions(sphere_sample(g, radius_m, index), "exact Mie", mie_scattered_fields(g, radius_m, index))
+
+
+def droplet_acquisitions(configuration: str, axis, ne: float, no: float) -> dict:
+    from biref_sdk.geometry import preset
+    from biref_sdk.samples import droplet_sample
+    from biref_sdk.samples.droplets import Droplet
+    from dda_reference import dda_scattered_fields, droplet_lattice
+
+    g = preset("small")
+    droplet = Droplet((0.0, 0.0, 0.0), LC_RADIUS_M, axis, configuration, ne, no)
+    lattice = droplet_lattice(droplet, 33.3e-9, g.medium_index, g.wavelength_m)
+    return acquisitions(droplet_sample([droplet], g), "dipole (DDA)", dda_scattered_fields(g, lattice, range(g.n_views)))
 
 
 def core_means(volume, truth, radius_m: float):
@@ -64,6 +90,8 @@ def core_means(volume, truth, radius_m: float):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE")
+    parser.add_argument("--lc", action="store_true", help="also liquid-crystal droplets by the dipole reference")
+    parser.add_argument("--no-spheres", action="store_true", help="skip the Mie spheres")
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -76,21 +104,29 @@ def main() -> int:
         name, _, path = spec.partition("=")
         methods[name] = get_reconstructor("model", model=path)
     rows = []
-    print("| sphere | method | physics | PSNR n_e / n_o (dB) | core n_e / n_o | isotropic core abs(n_e − n_o) |")
-    print("|---|---|---|---|---|---|")
-    for radius_m, index in SPHERES:
-        made = acquisitions(radius_m, index)
+    print("| sample | method | physics | PSNR n_e / n_o (dB) | core n_e / n_o | isotropic core abs(n_e − n_o) "
+          "| director error (deg) |")
+    print("|---|---|---|---|---|---|---|")
+    samples = [] if args.no_spheres else [(f"sphere r {r * 1e6:.1f} µm, n {n}", r, {"radius_m": r, "index": n},
+                                           lambda r=r, n=n: sphere_acquisitions(r, n)) for r, n in SPHERES]
+    if args.lc:
+        samples += [(f"{c} axis {tuple(round(a, 2) for a in axis)}, r {LC_RADIUS_M * 1e6:.1f} µm", LC_RADIUS_M,
+                     {"configuration": c, "axis": axis, "ne": ne, "no": no},
+                     lambda c=c, axis=axis, ne=ne, no=no: droplet_acquisitions(c, axis, ne, no))
+                    for c, axis, ne, no in LC_DROPLETS]
+    for label, radius_m, description, make in samples:
+        made = make()
         for method, reconstructor in methods.items():
             for physics, acquisition in made.items():
                 volume = reconstructor.reconstruct(acquisition)
                 scores = compare_volumes(acquisition.truth, volume)
                 core_ne, core_no = core_means(volume, acquisition.truth, radius_m)
-                row = {"radius_m": radius_m, "index": index, "method": method, "physics": physics,
+                row = {"sample": label, **description, "method": method, "physics": physics,
                        "core_ne": core_ne, "core_no": core_no, **scores}
                 rows.append(row)
-                print(f"| r {radius_m * 1e6:.1f} µm, n {index} | {method} | {physics} | {scores['psnr_ne']:.2f} / "
-                      f"{scores['psnr_no']:.2f} | {core_ne:.4f} / {core_no:.4f} | "
-                      f"{scores['isotropic_core_birefringence']:.4f} |", flush=True)
+                print(f"| {label} | {method} | {physics} | {scores['psnr_ne']:.2f} / {scores['psnr_no']:.2f} | "
+                      f"{core_ne:.4f} / {core_no:.4f} | {scores['isotropic_core_birefringence']:.4f} | "
+                      f"{scores['director_error_deg']:.1f} |", flush=True)
     if args.out:
         clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
         Path(args.out).write_text(json.dumps({"rows": clean, "models": dict(s.partition("=")[::2] for s in args.model),
