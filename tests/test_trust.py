@@ -117,6 +117,19 @@ def test_a_checked_reconstruction_carries_the_score_with_views_missing(small_sph
         small_sphere.geometry)
 
 
+def test_a_failed_check_keeps_the_volume_and_says_why(small_sphere, monkeypatch, caplog):
+    reconstructor = ConsistencyChecked(get_reconstructor("formula"), views=1)
+
+    def broken(*args):
+        raise FloatingPointError("no convergence")
+
+    monkeypatch.setattr(reconstructor.check_for(small_sphere.geometry), "score", broken)
+    volume = reconstructor.reconstruct(small_sphere)
+    assert volume.consistency is None and volume.ne.shape == small_sphere.truth.shape
+    assert volume.parameters["consistency_error"] == "FloatingPointError: no convergence"
+    assert "consistency check failed" in caplog.text
+
+
 def test_volume_files_keep_the_trust_data(tmp_path):
     rng = np.random.default_rng(0)
     residual = np.full((2, 37), np.nan)

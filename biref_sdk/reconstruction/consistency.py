@@ -23,6 +23,7 @@ the sample is unlike what the reconstruction knows, or the acquisition is not wh
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -33,6 +34,8 @@ from ..files import Consistency, Volume
 from ..geometry import Geometry
 from ..holography import Demodulator
 from .base import ReconstructionSession, Reconstructor
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VIEWS = 5  # the axial view and four ring views a quarter turn apart: ~1/7 of the full cost
 
@@ -153,7 +156,12 @@ class CheckedSession(ReconstructionSession):
         received = self.received[:, self._check.views]
         if not received.any():
             return volume
-        consistency = self._check.score(volume, self._measured, self._background)
+        try:
+            consistency = self._check.score(volume, self._measured, self._background)
+        except Exception as error:  # the volume is the result; a failed check must not lose it
+            log.warning("consistency check failed: %s: %s", type(error).__name__, error)
+            volume.parameters = {**volume.parameters, "consistency_error": f"{type(error).__name__}: {error}"}
+            return volume
         missing = np.zeros_like(consistency.residual, dtype=bool)
         missing[:, self._check.views] = ~received
         consistency.residual[missing] = np.nan  # views that did not arrive were not measured
