@@ -39,13 +39,12 @@ class Consistency:
     ``residual`` float[2, V], each view's relative residual (NaN for views not checked);
     ``noise_floor`` the median residual camera noise alone would leave; ``score`` the median of the
     residuals with the noise taken out (0: the volume explains the data); ``time_s`` the check's
-    cost; ``floors`` (in memory only) each view's noise floor."""
+    cost."""
 
     residual: np.ndarray
     score: float
     noise_floor: float
     time_s: float
-    floors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.residual = np.asarray(self.residual, dtype=np.float64)

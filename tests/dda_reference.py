@@ -122,17 +122,13 @@ def droplet_lattice(droplet, spacing_m: float, medium_index: float, wavelength_m
     import torch
 
     from biref_sdk.samples.droplets import director_field
+    from biref_sdk.samples.tensor import _inside  # the droplet's shape, as the simulator voxelizes it
 
-    extent = droplet.bounding_radius_m
-    n = int(np.ceil(extent / spacing_m))
-    axis = (np.arange(-n, n + 1)) * spacing_m
-    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    points = np.stack([x, y, z], -1).reshape(-1, 3) + np.asarray(droplet.center_m)
-    offsets = points - np.asarray(droplet.center_m)
-    along = offsets @ np.asarray(droplet.axis)
-    across2 = (offsets**2).sum(1) - along**2
-    inside = across2 / droplet.radius_m**2 + (along / (droplet.aspect * droplet.radius_m)) ** 2 <= 1.0
-    points = points[inside]
+    n = int(np.ceil(droplet.bounding_radius_m / spacing_m))
+    axis = np.arange(-n, n + 1) * spacing_m
+    offsets = torch.as_tensor(np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3))
+    offsets = offsets[_inside(droplet, offsets)]
+    points = offsets.numpy() + np.asarray(droplet.center_m)
     director = director_field(droplet, torch.as_tensor(points)).numpy()
     eps = (droplet.no**2 * np.eye(3)[None] + (droplet.ne**2 - droplet.no**2)
            * director[:, :, None] * director[:, None, :])

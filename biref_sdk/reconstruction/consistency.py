@@ -102,9 +102,11 @@ class ConsistencyCheck:
         return ((self._illumination.conj() * background).sum(dim=(0, 1, 3, 4))
                 / (self._illumination.abs() ** 2).sum(dim=(0, 1, 3, 4)).clamp_min(1e-30))
 
-    def score(self, volume: Volume, measured: torch.Tensor, background: torch.Tensor) -> Consistency:
+    def score(self, volume: Volume, measured: torch.Tensor, background: torch.Tensor,
+              received: np.ndarray | None = None) -> Consistency:
         """``measured``, ``background``: the demodulated frames of the checked views,
-        complex[2(pol), n, 2(x, y), H, W] (``self.demodulate`` of ``[2, n, H, W]`` frames)."""
+        complex[2(pol), n, 2(x, y), H, W] (``self.demodulate`` of ``[2, n, H, W]`` frames);
+        ``received`` bool[2, n]: which of them arrived (all by default; the others are not scored)."""
         from ..samples.tensor import volume_to_eps6
 
         began = time.perf_counter()
@@ -124,13 +126,12 @@ class ConsistencyCheck:
         size = norm(scattered).clamp_min(1e-30)
         residual = (norm(scattered - simulated) / size).double().cpu().numpy()
         floor = (math.sqrt(2.0) * norm(noise) / size).double().cpu().numpy()
+        if received is not None:
+            residual[~received] = floor[~received] = np.nan
         full = np.full((2, self.geometry.n_views), np.nan)
         full[:, self.views] = residual
-        floors = np.full_like(full, np.nan)
-        floors[:, self.views] = floor
-        return Consistency(residual=full, score=noise_corrected_score(full, floors),
-                           noise_floor=float(np.median(floor)), time_s=time.perf_counter() - began,
-                           floors=floors)
+        return Consistency(residual=full, score=noise_corrected_score(residual, floor),
+                           noise_floor=float(np.nanmedian(floor)), time_s=time.perf_counter() - began)
 
 
 class CheckedSession(ReconstructionSession):
@@ -157,17 +158,10 @@ class CheckedSession(ReconstructionSession):
         if not received.any():
             return volume
         try:
-            consistency = self._check.score(volume, self._measured, self._background)
+            volume.consistency = self._check.score(volume, self._measured, self._background, received)
         except Exception as error:  # the volume is the result; a failed check must not lose it
             log.warning("consistency check failed: %s: %s", type(error).__name__, error)
             volume.parameters = {**volume.parameters, "consistency_error": f"{type(error).__name__}: {error}"}
-            return volume
-        missing = np.zeros_like(consistency.residual, dtype=bool)
-        missing[:, self._check.views] = ~received
-        consistency.residual[missing] = np.nan  # views that did not arrive were not measured
-        consistency.score = noise_corrected_score(consistency.residual, consistency.floors)
-        consistency.noise_floor = float(np.nanmedian(np.where(missing, np.nan, consistency.floors)))
-        volume.consistency = consistency
         return volume
 
     def __getattr__(self, name):  # the wrapped session's own API (missing_views, finalize_timings_s …)

@@ -23,9 +23,8 @@ import numpy as np
 from ..geometry import GEOMETRY_ATTRIBUTES, Geometry
 
 PROTOCOL = "biref/2"
-# ingest is unchanged since biref/1 (biref/2 added trust data to the results): both are accepted
-INGEST_PROTOCOLS = ("biref/1", "biref/2")
-RESULT_PROTOCOLS = ("biref/1", "biref/2")
+# what receivers accept, ingest and results alike: biref/2 added trust data to the results only
+ACCEPTED_PROTOCOLS = ("biref/1", "biref/2")
 
 # ingest message types (microscope -> SDK) and result topics (SDK -> subscribers)
 INGEST_TYPES = ("start", "background", "view", "stop")
@@ -291,8 +290,8 @@ def parse_header(data, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise ProtocolError("malformed", f"header must be a msgpack map, got {type(header).__name__}")
     protocol = header.get("protocol")
     message_type = header.get("type") if isinstance(header.get("type"), str) else None
-    if protocol not in INGEST_PROTOCOLS:
-        raise ProtocolError("unsupported_protocol", f"protocol must be one of {', '.join(INGEST_PROTOCOLS)}, "
+    if protocol not in ACCEPTED_PROTOCOLS:
+        raise ProtocolError("unsupported_protocol", f"protocol must be one of {', '.join(ACCEPTED_PROTOCOLS)}, "
                             f"got {_show(protocol)}", None, message_type)
     if message_type not in INGEST_TYPES:
         raise ProtocolError("unknown_type", f"type must be one of {', '.join(INGEST_TYPES)}, "
@@ -593,8 +592,8 @@ def decode_result(frames, limits: Limits = DEFAULT_LIMITS) -> Result:
     header = _unpack(frames[1], limits, "result header")
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "result header must be a msgpack map")
-    if header.get("protocol") not in RESULT_PROTOCOLS:
-        raise ProtocolError("unsupported_protocol", f"protocol must be one of {', '.join(RESULT_PROTOCOLS)}")
+    if header.get("protocol") not in ACCEPTED_PROTOCOLS:
+        raise ProtocolError("unsupported_protocol", f"protocol must be one of {', '.join(ACCEPTED_PROTOCOLS)}")
     if header.get("type") != topic:
         raise ProtocolError("invalid_field", f"header type {_show(header.get('type'))} != topic {topic!r}")
     if topic not in ("volume", "preview"):
@@ -605,7 +604,7 @@ def decode_result(frames, limits: Limits = DEFAULT_LIMITS) -> Result:
     shape = f.shape("shape", 3, limits.max_volume_voxels)
     if math.prod(shape) > limits.max_volume_voxels:
         f.fail(f"volume {list(shape)} exceeds {limits.max_volume_voxels} voxels", "too_large")
-    names = tuple(header.get("arrays") or ()) if isinstance(header.get("arrays"), list) else ()
+    names = tuple(header["arrays"]) if isinstance(header.get("arrays"), list) else ()
     if header.get("dtype") != "float32" or names not in (VOLUME_ARRAYS, VOLUME_ARRAYS + TRUST_ARRAYS):
         f.fail(f"volume arrays must be {list(VOLUME_ARRAYS)}, optionally followed by {list(TRUST_ARRAYS)}, float32")
     if len(frames) != 2 + len(names):
