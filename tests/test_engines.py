@@ -58,7 +58,7 @@ def test_the_network_package_imports_nothing_from_reconstruction():
 def test_export_writes_one_fixed_shape_graph_per_stage(tiny_model, tmp_path):
     out = tmp_path / "export"
     assert biref(["export", "--model", tiny_model.path, "--out", str(out)]) == 0
-    for stage in ("encode", "gru_step", "finalize"):
+    for stage in ("encode", "gru_step", "decode", "readout"):
         graph = onnx.load(out / f"{stage}.onnx")
         onnx.checker.check_model(graph)
         assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -67,8 +67,9 @@ def test_export_writes_one_fixed_shape_graph_per_stage(tiny_model, tmp_path):
             assert all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim), f"{stage}: dynamic shape"
     gru = onnx.load(out / "gru_step.onnx")
     assert [i.name for i in gru.graph.input] == ["features", "hidden"] and gru.graph.output[0].name == "hidden_next"
-    finalize_inputs = [i.name for i in onnx.load(out / "finalize.onnx").graph.input]
-    assert finalize_inputs == (["states", "prior"] if tiny_model.config.prior_channels else ["states"])
+    assert [i.name for i in onnx.load(out / "decode.onnx").graph.input] == ["states"]
+    readout_inputs = [i.name for i in onnx.load(out / "readout.onnx").graph.input]
+    assert readout_inputs == (["features", "prior"] if tiny_model.config.prior_channels else ["features"])
 
 
 def _stage_inputs(config, seed=0):
@@ -86,6 +87,10 @@ def _assert_same_stages(reference, engine, config, index_atol):
     torch.testing.assert_close(engine.encode(window).cpu(), features, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.gru_step(hidden, features).cpu(), reference.gru_step(hidden, features),
                                atol=1e-5, rtol=1e-4)
+    decoded = reference.decode(states)
+    torch.testing.assert_close(engine.decode(states).cpu(), decoded, atol=1e-4, rtol=1e-4)
+    for a, b in zip(engine.readout(decoded, prior), reference.readout(decoded, prior)):
+        np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=index_atol)
     for a, b in zip(engine.finalize(states, prior), reference.finalize(states, prior)):
         np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=index_atol)
 
@@ -109,12 +114,14 @@ def test_fp16_graphs_keep_attention_fp32_and_stay_within_the_stated_tolerance():
     model = load_model(shipped_model_path())
     reference = create_engine("torch", model, device="cpu")
     window, hidden, states, prior = _stage_inputs(model.config)
-    graphs = {stage: stage_graph(model.network, stage, precision="fp16") for stage in ("encode", "finalize")}
+    graphs = {stage: stage_graph(model.network, stage, precision="fp16") for stage in ("encode", "decode", "readout")}
     types = {stage: {i.data_type for i in onnx.load_from_string(g).graph.initializer} for stage, g in graphs.items()}
     float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-    assert types["encode"] == {float16} and types["finalize"] == {float32, float16}  # the attention's dense layer
-    finalize = onnxruntime.InferenceSession(graphs["finalize"], providers=["CPUExecutionProvider"])
-    ne, no, q = finalize.run(None, {"states": states[:1].numpy(), "prior": prior[:1].numpy()})
+    assert types["encode"] == {float16} and types["decode"] == {float32, float16}  # the attention's dense layer
+    decode, readout = (onnxruntime.InferenceSession(graphs[s], providers=["CPUExecutionProvider"])
+                       for s in ("decode", "readout"))
+    features = decode.run(None, {"states": states[:1].numpy()})[0]
+    ne, no, q = readout.run(None, {"features": features, "prior": prior[:1].numpy()})
     ne_ref, no_ref, _ = reference.finalize(states[:1], prior[:1])
     np.testing.assert_allclose(ne, ne_ref.numpy(), atol=INDEX_ATOL_FP16)
     np.testing.assert_allclose(no, no_ref.numpy(), atol=INDEX_ATOL_FP16)
@@ -178,7 +185,7 @@ def test_a_missing_extra_is_one_line_naming_it(capsys, tmp_path):
 
 def test_engine_cache_keys_differ_in_every_part(tmp_path):
     base = dict(model_sha256="a" * 64, gpu_name="NVIDIA H200", compute_capability="9.0", sm_count=132,
-                tensorrt_version="10.8.0", precision="fp16", stage="finalize")
+                tensorrt_version="10.8.0", precision="fp16", stage="readout")
     key = EngineKey(**base)
     engine_path, key_path = key.paths(tmp_path)
     key.write(key_path)
@@ -227,4 +234,4 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
     assert set(rows) == {"model/onnxruntime", "formula"}
     model = rows["model/onnxruntime"]
     assert model["latency_p50_ms"] > 0 and model["throughput_acq_per_s"] > 0 and model["peak_rss_mb"] > 0
-    assert {"last_view", "formula_prior", "decoder", "turns_back", "director"} <= set(model["breakdown_p50_ms"])
+    assert {"behind", "last_view", "decode", "formula_prior", "readout", "director"} <= set(model["breakdown_p50_ms"])

@@ -11,7 +11,7 @@ COMMANDS = (
     "simulate",
     "geometry",
     "inspect",
-    "train",
+    "train", "distill",
     "serve",
     "microscope_sim",
     "demo",

@@ -2,9 +2,9 @@
 
 Per engine (and the formula in the same run, for ratios): simulated acquisitions are fed to a
 reconstruction session view by view at ``--rate`` views/s, as a camera streams them; measured
-are the last-view latency (the last view's own work plus ``finalize``: the volume is ready that
-long after the last view arrives), its breakdown (model: remaining GRU steps, formula prior,
-decoder, turning back, director), the per-view work while views arrive, the throughput with
+are the last-view latency (from the last view's scheduled arrival: any backlog of the views before
+it, the last view's own work and ``finalize``), its breakdown (model: backlog, the last view's
+work, the decoding left, formula prior, readout, turning back, director, uncertainty), the per-view work while views arrive, the throughput with
 views back to back (1 / (all per-view work + finalize)) and the process's peak resident memory
 at the end of the run (all engines of the process together). ``--paper`` also times the stages of an
 untrained network of the ``paper`` preset's size (no trained weights exist for it: timing only).
@@ -45,21 +45,26 @@ def _peak_mb() -> float:
 
 
 def _stream_one(reconstructor, acquisition, rate: float) -> dict:
-    """One acquisition streamed view by view at ``rate`` (0: back to back) -> its measurements."""
+    """One acquisition streamed view by view at ``rate`` (0: back to back) -> its measurements.
+
+    Views arrive on the camera's schedule (view k at ``k / rate``), whatever the work before:
+    a view whose predecessor's work ran late is late too, and the latency counts from the last
+    view's scheduled arrival, so work that falls behind is not hidden."""
     session = reconstructor.start(acquisition.geometry, acquisition.background)
     order = [(p, v) for v in range(acquisition.geometry.n_views) for p in range(2)]
     work = []
+    start = time.perf_counter()
     for index, (p, v) in enumerate(order):
-        arrived = time.perf_counter()
+        arrival = start + index / rate if rate else time.perf_counter()
+        time.sleep(max(0.0, arrival - time.perf_counter()))
+        begun = time.perf_counter()
         session.add_view(p, v, acquisition.holograms[p, v])
         done = time.perf_counter()
-        work.append(done - arrived)
-        if rate and index < len(order) - 1:  # pace as a camera: the next view arrives 1/rate later
-            time.sleep(max(0.0, arrived + 1.0 / rate - time.perf_counter()))
+        work.append(done - begun)
     session.finalize()
     finished = time.perf_counter()
-    return {"latency": finished - arrived, "per_view": work[:-1], "throughput": 1.0 / (sum(work) + finished - done),
-            "breakdown": {"last_view": work[-1], **getattr(session, "finalize_timings_s", {}),
+    return {"latency": finished - arrival, "per_view": work[:-1], "throughput": 1.0 / (sum(work) + finished - done),
+            "breakdown": {"behind": max(0.0, begun - arrival), "last_view": work[-1], **getattr(session, "finalize_timings_s", {}),
                           "finalize": finished - done}}
 
 
@@ -93,19 +98,23 @@ def _paper_stages(engine_name: str, threads, repeats: int = 2) -> dict:
     c = network.config
     window = torch.randn(1, c.input_channels, 1, *c.input_shape)
     hidden = engine.initial_hidden()
-    times = {"encode": [], "gru_step": [], "finalize": []}
+    times = {"encode": [], "gru_step": [], "decode": [], "readout": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         features = engine.encode(window)
         t1 = time.perf_counter()
         hidden = engine.gru_step(hidden, features)
         t2 = time.perf_counter()
-        engine.finalize(hidden[:, None].expand(1, c.sequence_length, *hidden.shape[1:]).contiguous())
+        decoded = engine.decode(hidden[:, None].expand(1, c.sequence_length, *hidden.shape[1:]).contiguous())
         t3 = time.perf_counter()
-        for name, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+        engine.readout(decoded)
+        t4 = time.perf_counter()
+        for name, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[name].append(value)
     result = {f"{k}_ms": 1e3 * min(v) for k, v in times.items()}
-    result["last_view_estimate_ms"] = result["encode_ms"] + result["gru_step_ms"] + result["finalize_ms"]
+    # the last window's encode and GRU step, then the whole decoder (as if the last view were in
+    # the last window)
+    result["last_view_estimate_ms"] = sum(result[f"{k}_ms"] for k in times)
     result["peak_rss_mb"] = _peak_mb()
     return result
 
@@ -166,4 +175,5 @@ def _print_table(results: dict) -> None:
               f"{row['throughput_acq_per_s']:6.2f} {row['peak_rss_mb']:8.0f}  {parts}")
     for name, row in results["paper_untrained_stages"].items():
         print(f"paper size, untrained {name}: encode {row['encode_ms']:.0f} ms, GRU step {row['gru_step_ms']:.0f} ms, "
-              f"finalize {row['finalize_ms']:.0f} ms per turn (timing only: no trained weights)")
+              f"decode {row['decode_ms']:.0f} ms, readout {row['readout_ms']:.0f} ms per turn "
+              "(timing only: no trained weights)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a model to ONNX graphs or TensorRT engines",
-                              description="Write the network's stages (encode, gru_step, finalize) as fixed-shape "
+                              description="Write the network's stages (encode, gru_step, decode, readout) as fixed-shape "
                                           "ONNX graphs (opset >= 17) with a manifest, and with --format tensorrt "
                                           "also TensorRT engines built from them for this GPU.")
     p.add_argument("--model", help="model file (default: the shipped trained_models/biref_small.h5)")

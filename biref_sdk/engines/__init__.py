@@ -1,8 +1,9 @@
 """Inference engines for the paper's network, behind one staged interface (:class:`Engine`).
 
 The streaming session (:mod:`biref_sdk.reconstruction.model`) drives the network stage by stage:
-an initial hidden state, one encoder pass per window, one ConvGRU step per window, and after the
-last view ``finalize`` (attention + decoder, with the formula prior). Each engine runs those
+an initial hidden state, one encoder pass per window, one ConvGRU step per window, ``decode``
+(attention and the decoder, as soon as the last window's step is done) and after the last view
+``readout`` (the formula prior's term and the head). Each engine runs those
 stages its own way, one module each:
 
 - ``"torch"`` (:mod:`.torch_engine`): PyTorch on the CPU or CUDA (fp16/bf16 and CUDA graphs there);

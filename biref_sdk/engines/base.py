@@ -40,8 +40,14 @@ class Engine(ABC):
     - :meth:`initial_hidden` -> ``[1, C_h, 1, h, w]``
     - :meth:`encode` window ``[1, C_in, 1, H, W]`` -> features ``[1, C_e, 1, h, w]``
     - :meth:`gru_step` ``(hidden, features)`` -> next hidden ``[1, C_h, 1, h, w]``
-    - :meth:`finalize` hidden states ``[B, S, C_h, 1, h, w]`` (and the prior ``[B, 7, Z, Y, X]``
-      where the configuration has one) -> ``ne``, ``no`` ``[B, Z, Y, X]``, ``q`` ``[B, 5, Z, Y, X]``
+    - :meth:`decode` hidden states ``[B, S, C_h, 1, h, w]`` -> decoder features
+      ``[B, C_d, Z', Y', X']``: all of the decoder's work that does not read the prior
+    - :meth:`readout` ``(features, prior)`` (the prior ``[B, 7, Z, Y, X]`` where the
+      configuration has one) -> ``ne``, ``no`` ``[B, Z, Y, X]``, ``q`` ``[B, 5, Z, Y, X]`` (and the
+      uncertainty ``[B, 3, Z, Y, X]`` where the configuration has its head)
+    - :meth:`finalize` ``(states, prior)``: the two in order
+
+    Engines of fixed batch-1 graphs run a batch one item at a time.
     """
 
     name = "engine"
@@ -68,7 +74,19 @@ class Engine(ABC):
     def gru_step(self, hidden, features): ...
 
     @abstractmethod
-    def finalize(self, states, prior=None): ...
+    def decode(self, states): ...
+
+    @abstractmethod
+    def readout(self, features, prior=None): ...
+
+    def finalize(self, states, prior=None):
+        return self.readout(self.decode(states), prior)
+
+    def _check_prior(self, prior) -> None:
+        if self.config.prior_channels and prior is None:
+            raise ValueError(f"this network needs its {self.config.prior!r} prior")
+        if not self.config.prior_channels and prior is not None:
+            raise ValueError("this network takes no prior (config.prior is 'none')")
 
     def describe(self) -> str:
         """One line: engine, device and precision (for logs and benchmark tables)."""

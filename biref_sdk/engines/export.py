@@ -3,9 +3,13 @@
 - ``encode.onnx``: ``window [1, C_in, 1, H, W] -> features [1, C_e, 1, h, w]``
 - ``gru_step.onnx``: ``(features x_t, hidden h_{t-1}) -> hidden_next h_t``, one step, no ONNX
   Loop: each step is one engine call (and can be one CUDA graph)
-- ``finalize.onnx``: ``states [1, S, C_h, 1, h, w]`` (and ``prior [1, 7, Z, Y, X]``) ->
-  ``ne, no [1, Z, Y, X]``, ``q [1, 5, Z, Y, X]``: attention and decoder; a batch of turns is
-  run one item at a time
+- ``decode.onnx``: ``states [1, S, C_h, 1, h, w]`` -> ``features [1, C_d, Z', Y', X']``: attention
+  and the decoder, all its work that does not read the formula prior (it runs as soon as the
+  last window's GRU step is done, before the prior exists)
+- ``readout.onnx``: ``features`` (and ``prior [1, 7, Z, Y, X]``) -> ``ne, no [1, Z, Y, X]``,
+  ``q [1, 5, Z, Y, X]`` (and ``uncertainty [1, 3, Z, Y, X]`` for a model with the uncertainty
+  head): the prior's term of the decoder's last convolution and the head; a batch
+  of turns is run one item at a time
 
 Shapes come from the model's configuration, so any model file (another size or geometry) exports
 the same way. ``manifest.json`` records the model's SHA-256, the shapes, the opset and precision:
@@ -26,7 +30,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-STAGES = ("encode", "gru_step", "finalize")
+STAGES = ("encode", "gru_step", "decode", "readout")
 MANIFEST = "manifest.json"
 
 
@@ -44,9 +48,10 @@ class _Stage(nn.Module):
         if self.stage == "gru_step":  # graph inputs (x_t, h_{t-1}); the network's (hidden, features)
             features, hidden = inputs
             return self.network.gru_step(hidden.to(self.dtype), features.to(self.dtype)).float()
-        states, *prior = inputs  # the prior stays fp32: finalize casts it to the decoder's dtype
-        ne, no, q = self.network.finalize(states.to(self.dtype), *prior)
-        return ne.float(), no.float(), q.float()
+        if self.stage == "decode":
+            return self.network.decode(inputs[0].to(self.dtype)).float()
+        features, *prior = inputs  # the prior stays fp32: readout casts it to the decoder's dtype
+        return tuple(output.float() for output in self.network.readout(features.to(self.dtype), *prior))
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -71,17 +76,20 @@ def stage_signatures(config) -> dict[str, dict]:
     """Per stage: input names -> shapes, output names -> shapes (all float32, batch 1)."""
     c = config
     hidden = (1, c.hidden_channels, *c.latent_shape)
-    finalize_inputs = {"states": (1, c.sequence_length, *hidden[1:])}
+    features = (1, c.decoder_channels[-1], *c.decoded_shape)
+    readout_outputs = {"ne": (1, *c.volume_shape), "no": (1, *c.volume_shape), "q": (1, 5, *c.volume_shape)}
+    if c.uncertainty_head:
+        readout_outputs["uncertainty"] = (1, 3, *c.volume_shape)
+    readout_inputs = {"features": features}
     if c.prior_channels:
-        finalize_inputs["prior"] = (1, c.prior_channels, *c.volume_shape)
+        readout_inputs["prior"] = (1, c.prior_channels, *c.volume_shape)
     return {
         "encode": {"inputs": {"window": (1, c.input_channels, 1, *c.input_shape)},
                    "outputs": {"features": (1, c.encoder_channels[-1], *c.latent_shape)}},
         "gru_step": {"inputs": {"features": (1, c.encoder_channels[-1], *c.latent_shape), "hidden": hidden},
                      "outputs": {"hidden_next": hidden}},
-        "finalize": {"inputs": finalize_inputs,
-                     "outputs": {"ne": (1, *c.volume_shape), "no": (1, *c.volume_shape),
-                                 "q": (1, 5, *c.volume_shape)}},
+        "decode": {"inputs": {"states": (1, c.sequence_length, *hidden[1:])}, "outputs": {"features": features}},
+        "readout": {"inputs": readout_inputs, "outputs": readout_outputs},
     }
 
 

@@ -65,16 +65,17 @@ class OnnxRuntimeEngine(Engine):
     def gru_step(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._run("gru_step", features=features, hidden=hidden)[0])
 
-    def finalize(self, states: torch.Tensor, prior: torch.Tensor | None = None):
-        if self.config.prior_channels and prior is None:
-            raise ValueError(f"this network needs its {self.config.prior!r} prior")
-        if not self.config.prior_channels and prior is not None:
-            raise ValueError("this network takes no prior (config.prior is 'none')")
+    def decode(self, states: torch.Tensor) -> torch.Tensor:
+        # fixed-shape graphs of batch 1: one turn at a time
+        return torch.cat([torch.from_numpy(self._run("decode", states=states[i:i + 1])[0])
+                          for i in range(states.shape[0])])
+
+    def readout(self, features: torch.Tensor, prior: torch.Tensor | None = None):
+        self._check_prior(prior)
         outputs = []
-        for item in range(states.shape[0]):  # fixed-shape graphs of batch 1: one turn at a time
-            inputs = {"states": states[item:item + 1]}
+        for item in range(features.shape[0]):
+            inputs = {"features": features[item:item + 1]}
             if prior is not None:
                 inputs["prior"] = prior[item:item + 1]
-            outputs.append(self._run("finalize", **inputs))
-        ne, no, q = (torch.from_numpy(np.concatenate(parts)) for parts in zip(*outputs))
-        return ne, no, q
+            outputs.append(self._run("readout", **inputs))
+        return tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*outputs))

@@ -149,13 +149,19 @@ class TensorRTEngine(Engine):
     def gru_step(self, hidden, features):
         return self._stages["gru_step"](self._stream, features=features, hidden=hidden)[0]
 
-    def finalize(self, states, prior=None):
+    def decode(self, states):
+        # fixed-shape engines of batch 1: one turn at a time
+        return torch.cat([self._stages["decode"](self._stream, states=states[i:i + 1])[0]
+                          for i in range(states.shape[0])])
+
+    def readout(self, features, prior=None):
+        self._check_prior(prior)
         outputs = []
-        for item in range(states.shape[0]):  # fixed-shape engines of batch 1: one turn at a time
-            values = {"states": states[item:item + 1]}
+        for item in range(features.shape[0]):
+            values = {"features": features[item:item + 1]}
             if prior is not None:
                 values["prior"] = prior[item:item + 1]
-            outputs.append(self._stages["finalize"](self._stream, **values))
+            outputs.append(self._stages["readout"](self._stream, **values))
         return tuple(torch.cat(parts).float() for parts in zip(*outputs))
 
 

@@ -2,7 +2,7 @@
 
 On CUDA the per-window stages (encode, GRU step) are tiny kernels whose launch overhead
 dominates; each is captured once as a CUDA graph on static buffers and replayed per window.
-``finalize`` runs eagerly (its batch follows the caller's number of turns). Attention and the
+``decode`` and ``readout`` run eagerly (their batch follows the caller's number of turns). Attention and the
 output sigmoids stay fp32 under autocast (softmax and sigmoid are on autocast's fp32 list).
 """
 from __future__ import annotations
@@ -106,9 +106,13 @@ class TorchEngine(Engine):
         return self._gru_step(hidden, features)
 
     @torch.no_grad()
-    def finalize(self, states: torch.Tensor, prior: torch.Tensor | None = None):
-        states = states.to(self._device)
+    def decode(self, states: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.network.decode(states.to(self._device)).float()
+
+    @torch.no_grad()
+    def readout(self, features: torch.Tensor, prior: torch.Tensor | None = None):
+        features = features.to(self._device)
         prior = None if prior is None else prior.to(self._device)
         with self._autocast():
-            ne, no, q = self.network.finalize(states, prior)
-        return ne.float(), no.float(), q.float()
+            return tuple(output.float() for output in self.network.readout(features, prior))

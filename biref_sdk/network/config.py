@@ -89,6 +89,14 @@ class NetworkConfig:
     # FormulaOptions fields of the prior; training records all of them (reconstruction.prior.
     # with_prior_options), so a model file fixes its prior exactly
     prior_options: dict | None = None
+    # how the model reconstructs by default: True, the mean of its answers over four quarter turns
+    # of the acquisition (biref_sdk.network.symmetry); False, one pass (a model distilled from that
+    # mean, biref_sdk.training.distill, gives it in one decoder pass: a quarter of the work after
+    # the last view)
+    quarter_turns: bool = True
+    # a second 1x1 output layer beside the head that gives the per-voxel uncertainty in one pass
+    # (BirefNet.readout's fourth output): a distilled model learns it from the quarter turns' spread
+    uncertainty_head: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hologram_shape", tuple(int(v) for v in self.hologram_shape))
@@ -115,6 +123,9 @@ class NetworkConfig:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if not isinstance(self.quarter_turns, bool) or not isinstance(self.uncertainty_head, bool):
+            raise ValueError(f"quarter_turns and uncertainty_head must be true or false, got "
+                             f"{self.quarter_turns!r}, {self.uncertainty_head!r}")
         if self.prior == "none" and self.prior_options:
             raise ValueError("prior_options are given but prior is 'none'")
         if len(self.encoder_channels) != 5 or len(self.encoder_strides) != 5:

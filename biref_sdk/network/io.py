@@ -5,7 +5,7 @@ A model file is HDF5 (no pickle, so loading a file runs no code from it):
 | item | meaning |
 |---|---|
 | attr `kind` | `"model"` |
-| attr `format_version` | 2 (this SDK reads 1 and 2) |
+| attr `format_version` | 3 (this SDK reads 1, 2 and 3) |
 | attr `sdk_version` | the biref_sdk version that wrote it |
 | attr `config` | JSON of :class:`~biref_sdk.network.config.NetworkConfig` |
 | attr `geometry` | JSON of the geometry attributes of docs/formats.md plus `hologram_shape` |
@@ -16,6 +16,8 @@ A model file is HDF5 (no pickle, so loading a file runs no code from it):
 Format 2 adds the configuration keys `prior` and `prior_options` (the formula prior, see
 :class:`~biref_sdk.network.config.NetworkConfig`); a format 1 file has neither and reads as
 `prior = "none"`. Readers of format 1 refuse format 2 files by their version, with a clear error.
+Format 3 adds the key `quarter_turns` (whether the model reconstructs by default as the mean over
+four quarter turns, or in one pass: a distilled model); format 1 and 2 files read as `true`.
 
 Loading recomputes the digest and refuses a file whose digest differs (a corrupt or edited
 file), and refuses an acquisition geometry other than the one the model was trained for.
@@ -39,8 +41,8 @@ from ..geometry import Geometry
 from .config import NetworkConfig
 from .model import BirefNet
 
-MODEL_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+MODEL_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 
 # trained_models/ of the source tree (a checkout or an editable install; wheels do not carry it)

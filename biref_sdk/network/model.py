@@ -8,12 +8,17 @@ The forward pass is available stage by stage for the streaming runtime:
 
 - :meth:`BirefNet.encode` one window ``[B, C_in, 1, H, W]`` -> features ``[B, C_e, 1, h, w]``;
 - :meth:`BirefNet.gru_step` ``(hidden, features) -> hidden`` ``[B, C_h, 1, h, w]``;
-- :meth:`BirefNet.finalize` all hidden states ``[B, S, C_h, 1, h, w]`` -> ``(ne, no, q)``.
+- :meth:`BirefNet.decode` all hidden states ``[B, S, C_h, 1, h, w]`` -> decoder features, all of
+  the decoder's work that does not read the formula prior;
+- :meth:`BirefNet.readout` ``(features, prior) -> (ne, no, q)``: the prior's term and the head
+  (``finalize`` is the two in order).
 
 ``forward`` is exactly these stages in order. None of the stages has data-dependent Python
 control flow, so each exports to ONNX/TensorRT as one static graph.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -96,9 +101,22 @@ class UpResidualBlock(nn.Module):
         self.conv = nn.Conv3d(c_out + extra_channels, c_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        partial = self.without_extra(x)
+        return partial if extra is None else self.add_extra(partial, extra)
+
+    def without_extra(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output without the extra input's term: the convolution is linear, so
+        ``conv([z, extra]) = conv_z(z) + conv_extra(extra)``, and everything here can be computed
+        before the extra input (the formula prior, known only after the last view) exists."""
         y = self.up(F.relu(self.bn1(x)))
         z = F.relu(self.bn2(y))
-        return y + self.conv(z if extra is None else torch.cat([z, extra], dim=1))
+        c = y.shape[1]
+        return y + F.conv3d(z, self.conv.weight[:, :c], self.conv.bias, padding=self.conv.padding)
+
+    def add_extra(self, partial: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """``without_extra``'s result plus the extra input's term: the block's output."""
+        c = partial.shape[1]
+        return partial + F.conv3d(extra, self.conv.weight[:, c:], None, padding=self.conv.padding)
 
 
 class ConvGRU3d(nn.Module):
@@ -165,6 +183,13 @@ class BirefNet(nn.Module):
         # saturating the sigmoids (their slope at -3 is still 0.045)
         with torch.no_grad():
             self.head.bias[:2].fill_(-3.0)
+        if config.uncertainty_head:
+            # log of the uncertainty: n_e, n_o spreads in units of the output range, director angle
+            # in radians (readout scales them); starts at 1 % and 0.01 rad
+            self.uncertainty = nn.Conv3d(config.decoder_channels[-1] + prior, 3, 1)
+            with torch.no_grad():
+                self.uncertainty.weight.zero_()
+                self.uncertainty.bias.fill_(math.log(0.01))
 
     # -- stages -----------------------------------------------------------------------------------
     def initial_hidden(self, batch: int, device=None, dtype=None) -> torch.Tensor:
@@ -177,12 +202,21 @@ class BirefNet(nn.Module):
     def gru_step(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.gru(hidden, features)
 
-    def finalize(self, states: torch.Tensor, prior: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All hidden states ``[B, S, C_h, 1, h, w]`` (and, for ``config.prior == "formula"``, the
-        prior ``[B, 7, Z, Y, X]`` of :func:`biref_sdk.network.preprocess.formula_prior`) ->
-        ``ne``, ``no`` ``[B, Z, Y, X]`` and ``q`` ``[B, 5, Z, Y, X]`` (components in :data:`Q_BASIS`)."""
-        expected = (states.shape[0], self.config.prior_channels, *self.config.volume_shape)
+    def decode(self, states: torch.Tensor) -> torch.Tensor:
+        """All hidden states ``[B, S, C_h, 1, h, w]`` -> the decoder's features ``[B, C_d, Z', Y', X']``
+        up to where the prior enters (without its term; :meth:`readout` adds it), so that this
+        part can run before the prior exists."""
+        x = self.attention(states)
+        return self.decoder[2].without_extra(self.decoder[1](self.decoder[0](x)))
+
+    def readout(self, features: torch.Tensor, prior: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`decode`'s features (and, for ``config.prior == "formula"``, the prior
+        ``[B, 7, Z, Y, X]`` of :func:`biref_sdk.reconstruction.prior.formula_prior`) -> ``ne``, ``no``
+        ``[B, Z, Y, X]`` and ``q`` ``[B, 5, Z, Y, X]`` (components in :data:`Q_BASIS`); with
+        ``config.uncertainty_head`` also the uncertainty ``[B, 3, Z, Y, X]`` (n_e and n_o in index
+        units, the director angle in radians, as ``reconstruction.model.turn_spread``)."""
+        expected = (features.shape[0], self.config.prior_channels, *self.config.volume_shape)
         if self.config.prior_channels:
             if prior is None or tuple(prior.shape) != expected:
                 raise ValueError(f"this network needs its {self.config.prior!r} prior of shape {expected}, got "
@@ -190,19 +224,34 @@ class BirefNet(nn.Module):
             prior = (PRIOR_GAIN * prior).to(self.head.weight.dtype)
             if tuple(prior.shape[2:]) != self.config.decoded_shape:
                 prior = F.interpolate(prior, size=self.config.decoded_shape, mode="trilinear", align_corners=False)
+            x = self.decoder[2].add_extra(features, prior)
         elif prior is not None:
             raise ValueError("this network takes no prior (config.prior is 'none')")
-        x = self.attention(states)
-        x = self.decoder[2](self.decoder[1](self.decoder[0](x)), prior)
+        else:
+            x = features
         x = F.relu(self.head_bn(x))
-        out = self.head(x if prior is None else torch.cat([x, prior], dim=1)).float()  # the outputs in fp32
-        if tuple(out.shape[2:]) != self.config.volume_shape:
-            out = F.interpolate(out, size=self.config.volume_shape, mode="trilinear", align_corners=False)
+        x = x if prior is None else torch.cat([x, prior], dim=1)
+        out = self._to_volume(self.head(x).float())  # the outputs in fp32
         lo, span = self.config.index_min, self.config.index_max - self.config.index_min
         # n_o in the range, n_e between n_o and the top: n_e >= n_o holds by construction
         no = lo + span * torch.sigmoid(out[:, 1])
         ne = no + (self.config.index_max - no) * torch.sigmoid(out[:, 0])
-        return ne, no, out[:, 2:]
+        if not self.config.uncertainty_head:
+            return ne, no, out[:, 2:]
+        log_spread = self._to_volume(self.uncertainty(x).float()).clamp(-16.0, 2.0)
+        scale = torch.tensor([span, span, 1.0], dtype=log_spread.dtype, device=log_spread.device)
+        return ne, no, out[:, 2:], torch.exp(log_spread) * scale[:, None, None, None]
+
+    def _to_volume(self, out: torch.Tensor) -> torch.Tensor:
+        if tuple(out.shape[2:]) != self.config.volume_shape:
+            out = F.interpolate(out, size=self.config.volume_shape, mode="trilinear", align_corners=False)
+        return out
+
+    def finalize(self, states: torch.Tensor, prior: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All hidden states ``[B, S, C_h, 1, h, w]`` (and the prior, see :meth:`readout`) ->
+        ``(ne, no, q)``: :meth:`decode`, then :meth:`readout`."""
+        return self.readout(self.decode(states), prior)
 
     # -- whole forward ---------------------------------------------------------------------------
     def forward(self, windows: torch.Tensor, prior: torch.Tensor | None = None

@@ -138,6 +138,7 @@ class FourierPlan:
         self.camera_pitch = math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)
         self._regularizer = regularizer(regularization, isotropic_regularization)
         self._inverse_all: torch.Tensor | None = None
+        self._data_step_all: tuple[torch.Tensor, torch.Tensor] | None = None
         self.regularization = (regularization, isotropic_regularization)
 
     def normal_matrices(self, views=None) -> torch.Tensor:
@@ -164,6 +165,19 @@ class FourierPlan:
         if views is None:
             self._inverse_all = inverse
         return inverse
+
+    def data_step(self, views=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T W A, (A^T W A + R)^-1)`` on the independent (kx >= 0) compact voxels, complex64
+        ``[len(half_compact), 6, 6]`` each: the constraint iterations' data step, for the given
+        views (all by default; that case is cached: it is the same for every acquisition)."""
+        if views is None and self._data_step_all is not None:
+            return self._data_step_all
+        keep = self.half_compact
+        normal = self.normal_matrices(views)[keep.cpu()].to(torch.complex64).to(self.device)
+        inverse = self.normal_inverse(views)[keep].to(torch.complex64)
+        if views is None:
+            self._data_step_all = (normal, inverse)
+        return normal, inverse
 
     def to_dense(self, solution: torch.Tensor) -> torch.Tensor:
         """Compact solution [n_voxels, 6] -> dense half box complex64 [6, Bz, By, Mx + 1] (kx >= 0)."""

@@ -286,9 +286,7 @@ class FormulaSession(ReconstructionSession):
         solution = torch.einsum("nij,nj->ni", inverse.to(torch.complex64), self._rhs)
         solved = time.perf_counter()
         iterations = options.constraint_iterations
-        normal = plan.normal_matrices(views) if iterations else None
-        delta = _constraint_loop(plan, solution, self._rhs, inverse, normal, options, iterations,
-                                 self.geometry.medium_index)
+        delta = _constraint_loop(plan, solution, self._rhs, views, options, iterations, self.geometry.medium_index)
         if plan.geometry != self.geometry:
             delta = resample_volume(delta, plan.geometry, self.geometry)
         constrained = time.perf_counter()
@@ -393,7 +391,7 @@ def project_eigenvalues(delta: torch.Tensor, low: float, high: float, chunk_voxe
     return out.reshape(delta.shape)
 
 
-def _constraint_loop(plan: FourierPlan, solution, rhs, inverse, normal, options: FormulaOptions, iterations: int,
+def _constraint_loop(plan: FourierPlan, solution, rhs, views, options: FormulaOptions, iterations: int,
                      medium_index: float) -> torch.Tensor:
     """The tensor contrast on the volume grid [6, Z, Y, X] from the per-frequency solution, after
     ``iterations`` Gerchberg-Papoulis iterations for the missing cone. They alternate
@@ -420,10 +418,8 @@ def _constraint_loop(plan: FourierPlan, solution, rhs, inverse, normal, options:
     if not iterations:
         return real_space(delta)
     # the data step runs on the independent (kx >= 0) compact voxels only
-    keep = plan.half_compact
-    rhs = rhs[keep]
-    normal = normal[keep.cpu()].to(torch.complex64).to(rhs.device)
-    inverse = inverse[keep].to(torch.complex64)
+    rhs = rhs[plan.half_compact]
+    normal, inverse = plan.data_step(views)
     # Nesterov (FISTA) momentum on the real-space iterates: as good in 5 iterations as plain
     # alternation in 10 (docs/reconstruction.md)
     t_prev, z_prev = 1.0, None

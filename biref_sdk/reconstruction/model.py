@@ -70,6 +70,9 @@ class ModelSession(ReconstructionSession):
         self._features: list[list[torch.Tensor | None]] = [[None] * config.sequence_length for _ in range(turns)]
         self._states: list[list[torch.Tensor]] = [[] for _ in range(turns)]
         self._hidden = [self._engine.initial_hidden() for _ in range(turns)]
+        # each turn's decoder features, decoded as soon as its last GRU step is done (before the
+        # last view, where the view that completes it is not the acquisition's last)
+        self._decoded: list[torch.Tensor | None] = [None] * turns
         self._prior_session = None
         if config.prior != "none":
             self._prior_session = reconstructor.prior_reconstructor().start(geometry, background)
@@ -109,6 +112,8 @@ class ModelSession(ReconstructionSession):
             self._hidden[turn] = self._engine.gru_step(self._hidden[turn], features[step])
             features[step] = None
             states.append(self._hidden[turn])
+        if len(states) == self._config.sequence_length and self._decoded[turn] is None:
+            self._decoded[turn] = self._engine.decode(torch.stack(states, dim=1))
 
     def missing_views(self) -> int:
         """Views the network uses that have not arrived."""
@@ -124,8 +129,11 @@ class ModelSession(ReconstructionSession):
         # finalize leaves the session as it was (a preview may be followed by more views)
         clock = _StageClock()
         turns = len(self._states)
-        sequences = []
+        decoded = []
         for turn in range(turns):
+            if self._decoded[turn] is not None:
+                decoded.append(self._decoded[turn])
+                continue
             states, hidden = list(self._states[turn]), self._hidden[turn]
             for step in range(len(states), self._config.sequence_length):
                 features = self._features[turn][step]
@@ -133,8 +141,9 @@ class ModelSession(ReconstructionSession):
                     features = self._window_features(turn, step, self.received)
                 hidden = self._engine.gru_step(hidden, features)
                 states.append(hidden)
-            sequences.append(torch.stack(states, dim=1))
-        clock.lap("gru_steps")
+            decoded.append(self._engine.decode(torch.stack(states, dim=1)))
+        decoded = torch.cat(decoded)  # a batch of the turns
+        clock.lap("decode")
         prior = None
         if self._prior_session is not None:
             from .prior import formula_prior
@@ -146,23 +155,30 @@ class ModelSession(ReconstructionSession):
                 priors.append(turn_prior(priors[-1]))
             prior = torch.stack(priors).to(self._engine.device)
             clock.lap("formula_prior")
-        ne, no, q = self._engine.finalize(torch.cat(sequences), prior)  # a batch of the turns
-        clock.lap("decoder")
+        ne, no, q, *predicted = self._engine.readout(decoded, prior)  # predicted: the uncertainty head's
+        clock.lap("readout")
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
-        answers = [torch.stack(a) for a in zip(*(turn_output(ne[t], no[t], q[t], -t) for t in range(turns)))]
-        ne, no, q = (a.mean(dim=0) for a in answers)
-        clock.lap("turns_back")
+        if turns > 1:
+            answers = [torch.stack(a) for a in zip(*(turn_output(ne[t], no[t], q[t], -t) for t in range(turns)))]
+            ne, no, q = (a.mean(dim=0) for a in answers)
+            clock.lap("turns_back")
+        else:
+            ne, no, q = ne[0], no[0], q[0]
         director = director_from_q(q.cpu())
         clock.lap("director")
         uncertainty = None
-        if turns > 1:
+        if turns > 1:  # measured: the turns' spread
             uncertainty = turn_spread(answers[0].cpu(), answers[1].cpu(), answers[2].cpu(), director)
             clock.lap("uncertainty")
+        elif predicted:  # one pass of a model that learnt the turns' spread
+            uncertainty = predicted[0][0].cpu()
         self.finalize_timings_s = clock.laps  # the last finalize's stages (the benchmark's breakdown)
         parameters = {"method": "model", "model_sha256": self._model.sha256,
                       "model_file": os.path.basename(self._model.path or ""), "missing_views": missing,
                       "window_length": self._config.window_length, "sequence_length": self._config.sequence_length,
-                      "prior": self._config.prior, "quarter_turns": turns > 1, "engine": self._engine.describe()}
+                      "prior": self._config.prior, "quarter_turns": turns > 1, "engine": self._engine.describe(),
+                      "uncertainty": "quarter-turn spread" if turns > 1 else
+                      ("predicted (uncertainty head)" if uncertainty is not None else "none")}
         return Volume(ne=ne.cpu().numpy(), no=no.cpu().numpy(), director=director.numpy(),
                       voxel_size_m=self.geometry.voxel_size_m, medium_index=self.geometry.medium_index,
                       parameters=parameters, uncertainty=None if uncertainty is None else uncertainty.numpy())
@@ -208,20 +224,18 @@ def turn_spread(ne: torch.Tensor, no: torch.Tensor, q: torch.Tensor, director: t
 
 def director_from_q(q: torch.Tensor) -> torch.Tensor:
     """Q components ``[5, Z, Y, X]`` -> director ``[3, Z, Y, X]``: the unit eigenvector of Q with the
-    largest eigenvalue (closed form, ``_eigen``; z^ where Q is isotropic), its sign fixed so the
-    largest-magnitude component is positive."""
+    largest eigenvalue (closed form, ``_eigen``, in float32: within 0.06 deg of float64 and twice
+    as fast; z^ where Q is isotropic), its sign fixed so the largest-magnitude component is positive."""
     from ..network.model import Q_BASIS
 
-    basis = Q_BASIS.to(q.device, torch.float64)
-    q = q.to(torch.float64)
-    t6 = torch.stack([torch.einsum("k,kzyx->zyx", basis[:, i, j], q)
-                      for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))])
+    # the six tensor components (xx, yy, zz, xy, xz, yz) of sum_k q_k B_k, as one matrix product
+    basis = Q_BASIS.to(q.device, torch.float32).reshape(5, 9)[:, [0, 4, 8, 1, 2, 5]]
+    t6 = (basis.T @ q.to(torch.float32).reshape(5, -1)).reshape(6, *q.shape[1:])
     _, vectors = symmetric_eigen_full(t6)
     d = vectors[2]  # [3, Z, Y, X], of the largest eigenvalue
     largest = torch.where(d[0].abs() >= d[1].abs(), d[0], d[1])
     largest = torch.where(d[2].abs() > largest.abs(), d[2], largest)
-    sign = torch.where(largest < 0, -1.0, 1.0).to(d.dtype)
-    return (d * sign).to(torch.float32)
+    return d * torch.where(largest < 0, -1.0, 1.0)
 
 
 class ModelReconstructor(Reconstructor):
@@ -233,8 +247,8 @@ class ModelReconstructor(Reconstructor):
     illumination) and average the four answers, turned back: about 2 dB more PSNR for the shipped
     model (MODEL_CARD.md). The turned sequences are encoded as their views arrive too, but their
     windows mix early and late views, so more work is left for ``finalize`` (three more decoder
-    passes). ``None`` (default): on where the model's geometry and inputs allow it; ``False``
-    for the lowest latency.
+    passes). ``None`` (default): the model's own default (``NetworkConfig.quarter_turns``; a model
+    distilled from the turns' mean runs one pass) where its geometry and inputs allow it.
     """
 
     name = "model"
@@ -265,8 +279,8 @@ class ModelReconstructor(Reconstructor):
 
         if quarter_turns is not None and not isinstance(quarter_turns, bool):
             raise ValueError(f"quarter_turns must be True, False or None, got {quarter_turns!r}")
-        if quarter_turns is False:
-            return None
+        if quarter_turns is False or (quarter_turns is None and not self.model.config.quarter_turns):
+            return None  # off, or the model's default is one pass (a distilled model)
         if self.model.config.input_mode != "field":
             problem = f"quarter_turns needs a network with field inputs, not {self.model.config.input_mode!r}"
         else:

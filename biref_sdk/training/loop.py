@@ -83,7 +83,7 @@ def normalised_mse(prediction: torch.Tensor, truth: torch.Tensor, config: Networ
 
 
 def losses(outputs, batch, config: NetworkConfig, q_weight: float, q_loss: str = "volume") -> dict[str, torch.Tensor]:
-    ne, no, q = outputs
+    ne, no, q = outputs[:3]  # a fourth, the uncertainty head's, is trained by distillation only
     q_error = (q.float() - batch["q"]) ** 2
     if q_loss == "volume":
         q_mse = torch.mean(q_error)

@@ -1,0 +1,308 @@
+"""Distillation of the quarter-turn average into one decoder pass (the volume at the last view).
+
+A model reconstructs with four decoder passes by default: the acquisition as recorded and turned
+by one, two and three quarter turns (:mod:`biref_sdk.network.symmetry`), the answers turned back
+and averaged. After the last view that is four times the decoder's work. Here a student, the same
+network initialised from the teacher, learns to give that average in one pass:
+
+- the encoder and the ConvGRU are frozen (they run while the views arrive, and their hidden states
+  are cached once per sample and turn by :func:`prepare`);
+- attention, decoder and head are trained on one turn's hidden states (a random turn per item:
+  the student must answer alike from any of them) against the truth and the teacher's average,
+  both turned into that turn's frame;
+- the student's file records ``quarter_turns = False``: it reconstructs in one pass by default.
+
+Files in the output folder: ``best.h5`` / ``last.h5`` (model files), ``history.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..files import Dataset
+from ..network.io import LoadedModel, load_model, save_model
+from ..network.symmetry import quarter_turn_sources, turn_output, turn_prior, turn_views
+from ..reconstruction.model import director_from_q, turn_spread
+from ..reconstruction.prior import formula_prior, formula_reconstructor
+from .data import training_targets
+from .loop import learning_rate, losses, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TURNS = 4
+
+
+def _hidden_states(network, windows: torch.Tensor) -> torch.Tensor:
+    """Window sequence ``[S, C_in, 1, H, W]`` -> the GRU's hidden states ``[S, C_h, 1, h, w]``."""
+    features = network.encode(windows)
+    hidden = network.initial_hidden(1, dtype=features.dtype)
+    states = []
+    for step in range(features.shape[0]):
+        hidden = network.gru_step(hidden, features[step:step + 1])
+        states.append(hidden[0])
+    return torch.stack(states)
+
+
+def _normalised(ne: torch.Tensor, no: torch.Tensor, q: torch.Tensor, config) -> torch.Tensor:
+    """(n_e, n_o, Q) -> ``[7, Z, Y, X]`` with the indices in units of the output range (float16 keeps
+    ~1e-5 index units there; the indices themselves would lose 1e-3 near 1.5)."""
+    span = config.index_max - config.index_min
+    return torch.cat([((ne - config.index_min) / span)[None], ((no - config.index_min) / span)[None], q])
+
+
+@torch.no_grad()
+def prepare_sample(teacher: LoadedModel, dataset: Dataset, index: int, formula, sources: np.ndarray) -> dict:
+    """One sample's cache entry: the hidden states of every turn ``[4, S, C_h, 1, h, w]``, the prior
+    ``[7, Z, Y, X]``, the teacher's quarter-turn average ``[7, Z, Y, X]`` (normalised, the
+    sample's own frame) and the turns' spread ``[3, Z, Y, X]`` (``turn_spread``, index spreads in
+    units of the output range), float16."""
+    from ..network.preprocess import InputPreprocessor
+
+    network, config = teacher.network, teacher.config
+    acquisition = dataset.acquisition(index)
+    preprocessor = InputPreprocessor(config, dataset.geometry, acquisition.background)
+    views = preprocessor.per_view(acquisition.holograms)
+    prior = formula_prior(formula.reconstruct(acquisition), config)
+    states, answers = [], []
+    turned_views, turned_prior = views, prior
+    for turn in range(TURNS):
+        if turn:
+            turned_views, turned_prior = turn_views(turned_views, sources), turn_prior(turned_prior)
+        hidden = _hidden_states(network, preprocessor.window_mean(turned_views))
+        ne, no, q = network.finalize(hidden[None], turned_prior[None])
+        answers.append(turn_output(ne[0], no[0], q[0], -turn))
+        states.append(hidden)
+    stacked = [torch.stack(a) for a in zip(*answers)]
+    ne, no, q = (a.mean(dim=0) for a in stacked)
+    spread = turn_spread(*stacked, director_from_q(q))  # the teacher's uncertainty, for a student's own
+    span = config.index_max - config.index_min
+    return {"states": torch.stack(states).half(), "prior": prior.half(),
+            "teacher": _normalised(ne, no, q, config).half(),
+            "spread": torch.cat([spread[:2] / span, spread[2:]]).half()}
+
+
+def prepare(teacher_path, data_paths, cache_dir) -> list[Path]:
+    """Cache :func:`prepare_sample` of every sample of ``data_paths`` under ``cache_dir`` (one
+    ``.pt`` file per sample; existing ones are kept, so an interrupted run resumes)."""
+    teacher = load_model(teacher_path)
+    formula = formula_reconstructor(teacher.config)
+    folders = []
+    for path in data_paths:
+        folder = Path(cache_dir) / f"{Path(path).stem}-{teacher.sha256[:12]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with Dataset(path) as dataset:
+            sources = quarter_turn_sources(dataset.geometry)
+            start = time.perf_counter()
+            for index in range(len(dataset)):
+                target = folder / f"{index:06d}.pt"
+                if target.is_file():
+                    continue
+                entry = prepare_sample(teacher, dataset, index, formula, sources)
+                temporary = target.with_suffix(".tmp")
+                torch.save(entry, temporary)
+                temporary.replace(target)
+                if index % 20 == 0:
+                    logger.info("%s: %d/%d (%.2f s per sample)", path, index + 1, len(dataset),
+                                (time.perf_counter() - start) / (index + 1))
+        folders.append(folder)
+    return folders
+
+
+class _Items:
+    """The cached entries (in memory, float16) and the truths of the data files."""
+
+    def __init__(self, data_paths, folders, config) -> None:
+        self.entries, self.truths = [], []
+        for path, folder in zip(data_paths, folders):
+            with Dataset(path) as dataset:
+                for index in range(len(dataset)):
+                    self.entries.append(torch.load(folder / f"{index:06d}.pt", weights_only=True))
+                    truth = dataset.truth(index)
+                    targets = training_targets(truth.ne, truth.no, truth.director)
+                    self.truths.append({k: v.half() if k == "q" else v for k, v in targets.items()})
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def item(self, index: int, turn: int) -> dict:
+        """Turn ``turn``'s hidden states, prior, truth and teacher answer in that turn's frame."""
+        c = self.config
+        span = c.index_max - c.index_min
+        entry, truth = self.entries[index], self.truths[index]
+        prior = entry["prior"].float()
+        for _ in range(turn):
+            prior = turn_prior(prior)
+        teacher = entry["teacher"].float()
+        ne, no, q = turn_output(c.index_min + span * teacher[0], c.index_min + span * teacher[1], teacher[2:], turn)
+        tne, tno, tq = turn_output(truth["ne"], truth["no"], truth["q"].float(), turn)
+        return {"states": entry["states"][turn].float(), "prior": prior,
+                "truth": {"ne": tne, "no": tno, "q": tq}, "teacher": {"ne": ne, "no": no, "q": q}}
+
+
+    def spread(self, index: int, turn: int) -> torch.Tensor:
+        """The teacher's quarter-turn spread ``[3, Z, Y, X]`` in turn ``turn``'s frame (index
+        spreads in units of the output range, angles in radians: scalars, turned as images)."""
+        from ..network.symmetry import turn_image
+
+        return turn_image(self.entries[index]["spread"].float(), turn)
+
+
+def _batch(items: list[dict]) -> dict:
+    return {"states": torch.stack([i["states"] for i in items]), "prior": torch.stack([i["prior"] for i in items]),
+            **{kind: {k: torch.stack([i[kind][k] for i in items]) for k in ("ne", "no", "q")}
+               for kind in ("truth", "teacher")}}
+
+
+def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 10, lr: float = 1e-4,
+            batch_size: int = 4, teacher_weight: float = 1.0, seed: int = 0, init=None,
+            uncertainty_epochs: int = 3, log=logger.info) -> list[dict]:
+    """Train the one-pass student of ``teacher_path`` (see the module) and write it to ``out``.
+
+    Each epoch: every sample once, at a random turn; then the student's reconstructions of the
+    ``val_paths`` data sets in one pass (the streaming path, :class:`ModelReconstructor`), scored
+    with the paper's metrics. ``best.h5`` is the epoch with the best mean PSNR of n_e and n_o,
+    its uncertainty head then fitted (:func:`fit_uncertainty`, ``uncertainty_epochs``). ``init``:
+    a student file of this teacher to continue from (``epochs=0``: fit only its head)."""
+    from ..evaluation import evaluate
+    from ..reconstruction.model import ModelReconstructor
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_model(teacher_path)
+    folders = prepare(teacher_path, data_paths, cache_dir)
+    items = _Items(data_paths, folders, teacher.config)
+    train_config = TrainConfig(**{k: v for k, v in teacher.metadata.get("train_config", {}).items()
+                                  if k in TrainConfig.__dataclass_fields__})
+    schedule = TrainConfig(epochs=epochs, learning_rate=lr, schedule="cosine")
+    student = _student(teacher, init)
+    config = student.config
+    parameters = [p for name, p in student.named_parameters()
+                  if not name.startswith(("encoder.", "gru.", "uncertainty."))]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    history = []
+    best, best_state = -math.inf, None
+    metadata = {"distilled_from": teacher.sha256, "teacher_file": str(teacher_path),
+                "distill": {"data": [str(p) for p in data_paths], "epochs": epochs, "lr": lr, "init": str(init),
+                            "batch_size": batch_size, "teacher_weight": teacher_weight, "seed": seed},
+                "train_config": teacher.metadata.get("train_config")}
+    if init is not None:
+        metadata.update({k: v for k, v in load_model(init).metadata.items() if k in ("epoch", "val")})
+    for epoch in range(1, epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(schedule, epoch)
+        student.train()
+        order = list(range(len(items)))
+        random.shuffle(order)
+        sums = {"truth": 0.0, "teacher": 0.0}
+        start = time.perf_counter()
+        for first in range(0, len(order), batch_size):
+            batch = _batch([items.item(i, random.randrange(TURNS)) for i in order[first:first + batch_size]])
+            outputs = student.finalize(batch["states"], batch["prior"])
+            to_truth = losses(outputs, batch["truth"], config, train_config.q_weight, train_config.q_loss)["total"]
+            to_teacher = losses(outputs, batch["teacher"], config, train_config.q_weight, "volume")["total"]
+            loss = to_truth + teacher_weight * to_teacher
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(batch["states"])
+            sums["truth"] += to_truth.item() * n
+            sums["teacher"] += to_teacher.item() * n
+        seconds = time.perf_counter() - start
+        student.eval()
+        model = LoadedModel(network=student, config=config, geometry=teacher.geometry, metadata={},
+                            sha256=f"student-epoch-{epoch}", path=None)
+        reconstructor = ModelReconstructor(model, engine="torch", quarter_turns=False)
+        val = {Path(p).stem: evaluate(p, {"student": reconstructor})["student"] for p in val_paths}
+        score = float(np.mean([(v["psnr_ne"] + v["psnr_no"]) / 2 for v in val.values()]))
+        record = {"epoch": epoch, "lr": learning_rate(schedule, epoch), "seconds": seconds,
+                  "loss_truth": sums["truth"] / len(items), "loss_teacher": sums["teacher"] / len(items),
+                  "val": val, "val_score": score}
+        history.append(record)
+        save_model(out / "last.h5", student, teacher.geometry, dict(metadata, epoch=epoch, val=val))
+        if score > best:
+            best, best_state = score, deepcopy(student.state_dict())
+            metadata.update(epoch=epoch, val=val)
+            save_model(out / "best.h5", student, teacher.geometry, metadata)
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        log(f"epoch {epoch}: loss to truth {record['loss_truth']:.4g}, to teacher {record['loss_teacher']:.4g} "
+            f"({seconds:.0f} s); val " + ", ".join(f"{k} {v['psnr_ne']:.2f}/{v['psnr_no']:.2f} dB, "
+                                                   f"{v['director_error_deg']:.2f} deg" for k, v in val.items()))
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    if uncertainty_epochs:
+        errors = fit_uncertainty(student, items, uncertainty_epochs, batch_size=batch_size, log=log)
+        metadata["uncertainty_fit"] = {"epochs": uncertainty_epochs, "mean_squared_log_error": errors}
+    student.eval()
+    save_model(out / "best.h5", student, teacher.geometry, metadata)
+    return history
+
+
+def _student(teacher: LoadedModel, init=None):
+    """The student network: the teacher's, one pass by default, with an uncertainty head (its
+    weights from ``init``, a student model file, where given; else the teacher's and a new head)."""
+    config = teacher.config.replace(quarter_turns=False, uncertainty_head=True)
+    from ..network.model import BirefNet
+
+    student = BirefNet(config)
+    source = load_model(init).network if init is not None else teacher.network
+    missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("uncertainty.") for name in missing):
+        raise ValueError(f"{init or 'the teacher'} does not fit the student: {sorted(missing + unexpected)[:5]}")
+    if init is not None and load_model(init).metadata.get("distilled_from") != teacher.sha256:
+        raise ValueError(f"{init} was not distilled from this teacher")
+    for module in (student.encoder, student.gru):
+        module.requires_grad_(False)
+    return student
+
+
+# the uncertainty head regresses the log of the teacher's spread; spreads below this floor (index
+# spreads in units of the output range, angles in radians) are noise of the float16 cache
+SPREAD_FLOOR = 1e-5
+
+
+def fit_uncertainty(student, items: "_Items", epochs: int = 3, lr: float = 1e-3, batch_size: int = 4,
+                    log=logger.info) -> list[float]:
+    """Train the student's uncertainty head alone (everything else frozen) to give the log of the
+    teacher's quarter-turn spread; returns the mean squared log error per epoch."""
+    head = student.uncertainty
+    frozen = [p for p in student.parameters() if p.requires_grad and all(p is not h for h in head.parameters())]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    c = student.config
+    scale = torch.tensor([c.index_max - c.index_min, c.index_max - c.index_min, 1.0])[None, :, None, None, None]
+    errors = []
+    try:
+        for epoch in range(1, epochs + 1):
+            order = list(range(len(items)))
+            random.shuffle(order)
+            total = 0.0
+            for first in range(0, len(order), batch_size):
+                chosen = [(i, random.randrange(TURNS)) for i in order[first:first + batch_size]]
+                batch = _batch([items.item(i, t) for i, t in chosen])
+                target = torch.stack([items.spread(i, t) for i, t in chosen]).clamp_min(SPREAD_FLOOR).log()
+                with torch.no_grad():
+                    features = student.decode(batch["states"])
+                predicted = student.readout(features, batch["prior"])[3]
+                loss = torch.mean(((predicted / scale).log() - target) ** 2)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(chosen)
+            errors.append(total / len(items))
+            log(f"uncertainty head, epoch {epoch}: mean squared log error {errors[-1]:.3f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return errors

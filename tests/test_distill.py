@@ -1,0 +1,84 @@
+"""`biref distill`: a one-pass student of a model's quarter-turn mean, end to end on tiny data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from biref_sdk.cli import main as biref
+from biref_sdk.files import Dataset
+from biref_sdk.network import load_model, save_model
+from biref_sdk.network.config import config_for_geometry
+from biref_sdk.network.model import BirefNet
+from biref_sdk.reconstruction.model import ModelReconstructor
+from biref_sdk.reconstruction.prior import with_prior_options
+from biref_sdk.training.distill import _Items, _batch, prepare
+from biref_sdk.training.loop import losses
+
+from test_network_model import tiny_geometry
+from test_training_loop import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def teacher_and_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distill")
+    geometry = tiny_geometry(9)  # a ring of 8 views maps onto itself under a quarter turn
+    write_tiny_dataset(folder / "train.h5", 3, seed=0, n_views=9)
+    write_tiny_dataset(folder / "val.h5", 1, seed=1, n_views=9)
+    torch.manual_seed(3)
+    config = with_prior_options(config_for_geometry(geometry, "tiny", window_length=2, prior="formula",
+                                                    normalization="none"))
+    save_model(folder / "teacher.h5", BirefNet(config).eval(), geometry)
+    return folder
+
+
+def _loss_to_teacher(network, items) -> float:
+    batch = _batch([items.item(i, turn) for i in range(len(items)) for turn in range(4)])
+    with torch.no_grad():
+        outputs = network.finalize(batch["states"], batch["prior"])
+    return float(losses(outputs, batch["teacher"], network.config, 0.1)["total"])
+
+
+def test_the_cache_holds_each_turns_states_and_the_teachers_mean(teacher_and_data):
+    folder = teacher_and_data
+    teacher = load_model(folder / "teacher.h5")
+    [cache] = prepare(folder / "teacher.h5", [folder / "train.h5"], folder / "cache")
+    entry = torch.load(cache / "000001.pt", weights_only=True)
+    with Dataset(folder / "train.h5") as dataset:
+        volume = ModelReconstructor(teacher, engine="torch", quarter_turns=True).reconstruct(dataset.acquisition(1))
+    c = teacher.config
+    span = c.index_max - c.index_min
+    # float16 in units of the output range: 1e-3 of it
+    np.testing.assert_allclose(c.index_min + span * entry["teacher"][0].float().numpy(), volume.ne, atol=span * 1e-3)
+    np.testing.assert_allclose(c.index_min + span * entry["teacher"][1].float().numpy(), volume.no, atol=span * 1e-3)
+    np.testing.assert_allclose(span * entry["spread"][0].float().numpy(), volume.uncertainty[0], atol=span * 1e-3)
+    assert entry["states"].shape == (4, c.sequence_length, c.hidden_channels, *c.latent_shape)
+
+
+def test_distill_trains_a_one_pass_student_that_keeps_the_encoder(teacher_and_data, tmp_path):
+    folder = teacher_and_data
+    out = tmp_path / "run"
+    assert biref(["distill", "--teacher", str(folder / "teacher.h5"), "--data", str(folder / "train.h5"),
+                  "--val", str(folder / "val.h5"), "--cache-dir", str(folder / "cache"), "--out", str(out),
+                  "--epochs", "6", "--lr", "3e-3", "--batch-size", "2", "--teacher-weight", "10",
+                  "--threads", "1"]) == 0
+    teacher, student = load_model(folder / "teacher.h5"), load_model(out / "last.h5")
+    assert student.config.quarter_turns is False and teacher.config.quarter_turns is True
+    assert student.config.uncertainty_head and not teacher.config.uncertainty_head
+    assert student.metadata["distilled_from"] == teacher.sha256
+    teacher_weights, student_weights = teacher.network.state_dict(), student.network.state_dict()
+    for name in teacher_weights:
+        same = torch.equal(teacher_weights[name], student_weights[name])
+        assert same == name.startswith(("encoder.", "gru.")), name  # encoder and GRU frozen, the rest trained
+    # the student answers closer to the teacher's four-turn mean than the teacher's own one pass
+    items = _Items([folder / "train.h5"], [next((folder / "cache").iterdir())], teacher.config)
+    assert _loss_to_teacher(student.network, items) < 0.7 * _loss_to_teacher(teacher.network, items)  # 0.53 measured
+    # and reconstructs in one pass by default
+    with Dataset(folder / "val.h5") as dataset:
+        volume = ModelReconstructor(student, engine="torch").reconstruct(dataset.acquisition(0))
+    assert volume.parameters["quarter_turns"] is False
+    # with the uncertainty its head learnt from the teacher's turns
+    assert volume.parameters["uncertainty"] == "predicted (uncertainty head)"
+    assert volume.uncertainty.shape == (3, *volume.shape) and np.all(volume.uncertainty > 0)
+    fit = load_model(out / "best.h5").metadata["uncertainty_fit"]["mean_squared_log_error"]
+    assert fit[-1] < fit[0]
