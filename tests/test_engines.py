@@ -35,12 +35,18 @@ INDEX_ATOL_FP32 = 2e-6  # refractive-index units
 INDEX_ATOL_FP16 = 5e-5  # fp16 graphs (attention, normalisation and output sigmoids fp32)
 
 
-@pytest.fixture(params=["plain", "prior"])
+@pytest.fixture(params=["plain", "prior", "one pass with uncertainty head"])
 def tiny_model(request, tmp_path):
     """An untrained tiny network (another size and geometry than the shipped one), with and
-    without the formula prior, saved as a model file."""
-    overrides = {} if request.param == "plain" else dict(prior="formula", normalization="none")
+    without the formula prior, and as a distilled model is (one pass, uncertainty head), saved as
+    a model file."""
+    overrides = {"plain": {}, "prior": dict(prior="formula", normalization="none"),
+                 "one pass with uncertainty head": dict(prior="formula", normalization="none", quarter_turns=False,
+                                                        uncertainty_head=True)}[request.param]
     network = tiny_network(seed=7, **overrides)
+    if network.config.uncertainty_head:  # an untrained head is constant: give it a slope
+        with torch.no_grad():
+            network.uncertainty.weight.normal_(0.0, 0.3)
     if network.config.prior == "formula":
         network.config = with_prior_options(network.config)
     path = tmp_path / f"tiny-{request.param}.h5"
@@ -68,8 +74,10 @@ def test_export_writes_one_fixed_shape_graph_per_stage(tiny_model, tmp_path):
     gru = onnx.load(out / "gru_step.onnx")
     assert [i.name for i in gru.graph.input] == ["features", "hidden"] and gru.graph.output[0].name == "hidden_next"
     assert [i.name for i in onnx.load(out / "decode.onnx").graph.input] == ["states"]
-    readout_inputs = [i.name for i in onnx.load(out / "readout.onnx").graph.input]
-    assert readout_inputs == (["features", "prior"] if tiny_model.config.prior_channels else ["features"])
+    readout = onnx.load(out / "readout.onnx").graph
+    assert [i.name for i in readout.input] == (["features", "prior"] if tiny_model.config.prior_channels
+                                               else ["features"])
+    assert [o.name for o in readout.output] == ["ne", "no", "q"] + ["uncertainty"] * tiny_model.config.uncertainty_head
 
 
 def _stage_inputs(config, seed=0):
@@ -89,10 +97,13 @@ def _assert_same_stages(reference, engine, config, index_atol):
                                atol=1e-5, rtol=1e-4)
     decoded = reference.decode(states)
     torch.testing.assert_close(engine.decode(states).cpu(), decoded, atol=1e-4, rtol=1e-4)
-    for a, b in zip(engine.readout(decoded, prior), reference.readout(decoded, prior)):
-        np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=index_atol)
-    for a, b in zip(engine.finalize(states, prior), reference.finalize(states, prior)):
-        np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=index_atol)
+    for outputs, expected in ((engine.readout(decoded, prior), reference.readout(decoded, prior)),
+                              (engine.finalize(states, prior), reference.finalize(states, prior))):
+        assert len(outputs) == len(expected) == 3 + config.uncertainty_head
+        for a, b in zip(outputs[:3], expected[:3]):
+            np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=index_atol)
+        for a, b in zip(outputs[3:], expected[3:]):  # uncertainty: exp() of the head, relative
+            np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), rtol=1e-5, atol=index_atol)
 
 
 def test_onnxruntime_stages_equal_pytorch(tiny_model, tmp_path):
@@ -159,6 +170,32 @@ def test_a_streamed_acquisition_in_shuffled_order_is_the_same_on_every_cpu_engin
         assert volumes[engine].parameters["engine"].startswith(engine)
     np.testing.assert_allclose(volumes["onnxruntime"].ne, volumes["torch"].ne, atol=INDEX_ATOL_FP32)
     np.testing.assert_allclose(volumes["onnxruntime"].no, volumes["torch"].no, atol=INDEX_ATOL_FP32)
+    if tiny_model.config.uncertainty_head and not volumes["torch"].parameters["quarter_turns"]:
+        assert volumes["torch"].parameters["uncertainty"] == "predicted (uncertainty head)"
+        np.testing.assert_allclose(volumes["onnxruntime"].uncertainty, volumes["torch"].uncertainty, rtol=1e-4,
+                                   atol=INDEX_ATOL_FP32)
+
+
+def test_the_decoder_runs_before_the_views_the_network_does_not_use(tiny_model):
+    """Views past the last whole window reach the network only through the formula prior: once
+    the others are in, all of the decoder that does not read the prior is done (that the
+    session's volume equals the whole forward pass: test_network_io)."""
+    geometry = tiny_geometry()
+    config = tiny_model.config
+    used = config.sequence_length * config.window_length
+    assert used < geometry.n_views
+    acquisition = _acquisition(geometry, seed=6)
+    reconstructor = ModelReconstructor(tiny_model, device="cpu", engine="torch", quarter_turns=False)
+    session = reconstructor.start(geometry, acquisition.background)
+    calls = []
+    decode = reconstructor.engine.decode
+    reconstructor.engine.decode = lambda states: calls.append(len(session.received.nonzero()[0])) or decode(states)
+    for v in range(geometry.n_views):
+        for p in range(2):
+            session.add_view(p, v, acquisition.holograms[p, v])
+    assert calls == [2 * used - 1]  # decoded once, while the view that completes the last window arrived
+    session.finalize()
+    assert calls == [2 * used - 1]  # finalize decoded nothing more
 
 
 def test_auto_takes_onnxruntime_on_a_cpu_and_names_are_checked():
