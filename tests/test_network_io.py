@@ -208,8 +208,10 @@ def test_quarter_turn_session_is_the_mean_of_the_turned_whole_forwards_turned_ba
     for i in np.random.default_rng(3).permutation(len(order)):
         session.add_view(*order[i], acquisition.holograms[order[i]])
     volume = session.finalize()
-    np.testing.assert_allclose(volume.ne, expected_ne.numpy(), atol=2e-5)
-    np.testing.assert_allclose(volume.no, expected_no.numpy(), atol=2e-5)
+    # the streamed formula prior differs from the whole one in float32 rounding (arrival order),
+    # which the untrained network amplifies to ~2e-5; the turns differ from each other by > 1e-4
+    np.testing.assert_allclose(volume.ne, expected_ne.numpy(), atol=4e-5)
+    np.testing.assert_allclose(volume.no, expected_no.numpy(), atol=4e-5)
     assert volume.parameters["quarter_turns"] is True
 
     with pytest.raises(ValueError, match="quarter turn"):  # 7 views: a ring of 6

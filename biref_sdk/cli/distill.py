@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--teacher-weight", type=float, default=1.0,
                    help="weight of the loss to the teacher's mean next to the loss to the truth (default 1)")
+    p.add_argument("--q-weight", type=float,
+                   help="weight of the Q-tensor (director) loss (default: the teacher's training recipe's)")
     p.add_argument("--uncertainty-epochs", type=int, default=3,
                    help="epochs of the uncertainty head's fit to the teacher's quarter-turn spread, after "
                         "the decoder's (default 3; 0: leave it untrained)")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--epochs 0 needs --init STUDENT.h5")
     history = distill(teacher, args.data, args.val, args.out, args.cache_dir, epochs=args.epochs, lr=args.lr,
                       batch_size=args.batch_size, teacher_weight=args.teacher_weight, seed=args.seed,
-                      init=args.init, uncertainty_epochs=args.uncertainty_epochs, log=print)
+                      init=args.init, uncertainty_epochs=args.uncertainty_epochs, q_weight=args.q_weight, log=print)
     if history:
         best = max(history, key=lambda h: h["val_score"])
         print(f"done: best epoch {best['epoch']} (mean val PSNR {best['val_score']:.2f} dB); model files in {args.out}")

@@ -139,6 +139,7 @@ class FourierPlan:
         self._regularizer = regularizer(regularization, isotropic_regularization)
         self._inverse_all: torch.Tensor | None = None
         self._data_step_all: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lateral_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.regularization = (regularization, isotropic_regularization)
 
     def normal_matrices(self, views=None) -> torch.Tensor:
@@ -192,8 +193,9 @@ class FourierPlan:
     # -- frequency box <-> volume grid ---------------------------------------------------------------
     # Axis by axis, each pruned to what is needed: z by a direct DFT (a [Z, Bz] matrix: only the
     # box's Bz frequencies in and the volume's Z planes out of the N_z-periodic axis, cheaper than
-    # a zero-filled FFT), y by a zero-filled FFT over the camera's H, x by a real FFT over W. The
-    # origin phases of the three axes are applied once, on the smallest array.
+    # a zero-filled FFT); y and x the same way where the voxels have the camera pitch (matrices of
+    # the box's frequencies and the volume's rows and columns), else by zero-filled FFTs over the
+    # whole camera grid, interpolated onto the voxel centres.
     def _lateral_phase(self, dev, y0_m: float, x0_m: float) -> torch.Tensor:
         """exp(i (k_y y0 + k_x x0)) over the kx >= 0 half box [By, Mx + 1]."""
         g = self.geometry
@@ -223,9 +225,51 @@ class FourierPlan:
             matrix = (torch.exp(-1j * angle) * volume_m3).T
         return matrix.to(torch.complex64).to(dev)
 
+    def _lateral_matrices(self, dev) -> dict[str, torch.Tensor]:
+        """The lateral transforms between the half box and a camera-pitch volume grid as matrices
+        (the Y x X voxels sit on the camera's periodic H x W grid, origin at the volume centre):
+        synthesis ``y`` [Y, By] (with the inverse DFT's 1/H) and ``x`` [2 (Mx + 1), X] (the real
+        part of a Hermitian half spectrum, 1/W and the doubled kx > 0 terms, acting on [real,
+        imaginary] parts side by side), analysis ``y_hat`` [By, Y], ``x_re``/``x_im`` [X, Mx + 1].
+        On the small grids of a volume two matrix products beat zero-filled FFTs (2-3x, CPU)."""
+        key = str(dev)
+        cached = self._lateral_cache.get(key)
+        if cached is None:
+            g = self.geometry
+            H, W = g.hologram_shape
+            _, Y, X = g.volume_shape
+            _, My, Mx = self.half_box
+            my = torch.arange(-My, My + 1, dtype=torch.float64)
+            mx = torch.arange(0, Mx + 1, dtype=torch.float64)
+            y = torch.arange(Y, dtype=torch.float64) - Y / 2
+            x = torch.arange(X, dtype=torch.float64) - X / 2
+            doubled = torch.where(mx == 0, 1.0, 2.0)[:, None]
+            x_synthesis = doubled * torch.exp(2j * math.pi * mx[:, None] * x[None, :] / W) / W
+            x_analysis = torch.exp(-2j * math.pi * x[:, None] * mx[None, :] / W)
+            cached = {
+                "y": (torch.exp(2j * math.pi * y[:, None] * my[None, :] / H) / H).to(torch.complex64).to(dev),
+                "x": torch.cat([x_synthesis.real, -x_synthesis.imag]).to(torch.float32).to(dev),
+                "y_hat": torch.exp(-2j * math.pi * my[:, None] * y[None, :] / H).to(torch.complex64).to(dev),
+                "x_re": x_analysis.real.to(torch.float32).contiguous().to(dev),
+                "x_im": x_analysis.imag.to(torch.float32).contiguous().to(dev),
+                "z": self._z_transform(dev, inverse=True), "z_hat": self._z_transform(dev, inverse=False),
+            }
+            self._lateral_cache[key] = cached
+        return cached
+
     def to_volume(self, half: torch.Tensor, chunk: int = 1) -> torch.Tensor:
         """Half box [C, Bz, By, Mx + 1] (kx >= 0) of a Hermitian spectrum (a real tensor field) ->
         real samples float32 [C, Z, Y, X] on the volume grid (voxel centres of docs/formats.md)."""
+        if self.camera_pitch:
+            m = self._lateral_matrices(half.device)
+            Z = self.geometry.volume_shape[0]
+            out = []
+            for start in range(0, half.shape[0], chunk):
+                part = half[start:start + chunk]
+                c, Bz, By, Bx = part.shape
+                part = m["y"] @ (m["z"] @ part.reshape(c, Bz, By * Bx)).reshape(c, Z, By, Bx)  # [c, Z, Y, Bx]
+                out.append(torch.cat([part.real, part.imag], dim=-1) @ m["x"])
+            return torch.cat(out)
         g = self.geometry
         H, W = g.hologram_shape
         Z, Y, X = g.volume_shape
@@ -234,11 +278,8 @@ class FourierPlan:
         Mz, My, Mx = self.half_box
         dev = half.device
         my = torch.arange(-My, My + 1, device=dev)
-        same_pitch = self.camera_pitch
-        if same_pitch:  # sample straight at the voxel centres
-            y0, x0, ny, nx = -Y / 2 * dy, -X / 2 * dx, Y, X
-        else:  # sample the whole camera grid, then interpolate onto the voxel centres
-            y0, x0, ny, nx = -H / 2 * p, -W / 2 * p, H, W
+        # other voxel sizes: sample the whole camera grid, then interpolate onto the voxel centres
+        y0, x0, ny, nx = -H / 2 * p, -W / 2 * p, H, W
         lateral = self._lateral_phase(dev, y0, x0)
         synthesis = self._z_transform(dev, inverse=True)
         out = torch.empty(half.shape[0], Z, Y, X, dtype=torch.float32, device=dev)
@@ -250,28 +291,22 @@ class FourierPlan:
             grid[:, :, my % H] = part
             part = torch.fft.ifft(grid, dim=2)[:, :, :ny]
             real = torch.fft.irfft(part, n=W, dim=3)[..., :nx]  # irfft zero-fills kx > Mx
-            out[start:start + chunk] = real if same_pitch else _resample_lateral(real, g)
+            out[start:start + chunk] = _resample_lateral(real, g)
         return out
 
     def from_volume(self, volume: torch.Tensor) -> torch.Tensor:
         """Fourier transform of real samples [C, Z, Y, X] on the volume grid (zero outside it) onto
         the half box [C, Bz, By, Mx + 1]: the transform that ``to_volume`` inverts for fields
-        band-limited to the box (used by the constraint iterations). Pruned: each axis is
-        transformed and cut to the box before the next."""
-        g = self.geometry
-        H, W = g.hologram_shape
-        Z, Y, X = g.volume_shape
-        _, dy, dx = g.voxel_size_m
+        band-limited to the box (used by the constraint iterations): the x and y axes as matrix
+        products onto the box's frequencies (``_lateral_matrices``), then z."""
+        Z = self.geometry.volume_shape[0]
         if not self.camera_pitch:
             raise ValueError("from_volume needs voxels of the camera pixel size laterally")
-        Mz, My, Mx = self.half_box
-        dev = volume.device
-        my = torch.arange(-My, My + 1, device=dev)
-        half = torch.fft.rfft(volume.float(), n=W, dim=3)[..., :Mx + 1]
-        half = torch.fft.fft(half, n=H, dim=2)[:, :, my % H]
+        m = self._lateral_matrices(volume.device)
+        volume = volume.float()
+        half = m["y_hat"] @ torch.complex(volume @ m["x_re"], volume @ m["x_im"])  # [C, Z, By, Bx]
         c, _, By, Bx = half.shape
-        half = (self._z_transform(dev, inverse=False) @ half.reshape(c, Z, By * Bx)).reshape(c, 2 * Mz + 1, By, Bx)
-        return half * torch.conj(self._lateral_phase(dev, -Y / 2 * dy, -X / 2 * dx))
+        return (m["z_hat"] @ half.reshape(c, Z, By * Bx)).reshape(c, -1, By, Bx)
 
 
 def _resample_lateral(planes: torch.Tensor, geometry: Geometry) -> torch.Tensor:

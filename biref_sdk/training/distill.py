@@ -164,14 +164,16 @@ def _batch(items: list[dict]) -> dict:
 
 def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 10, lr: float = 1e-4,
             batch_size: int = 4, teacher_weight: float = 1.0, seed: int = 0, init=None,
-            uncertainty_epochs: int = 3, log=logger.info) -> list[dict]:
+            uncertainty_epochs: int = 3, q_weight: float | None = None, log=logger.info) -> list[dict]:
     """Train the one-pass student of ``teacher_path`` (see the module) and write it to ``out``.
 
     Each epoch: every sample once, at a random turn; then the student's reconstructions of the
     ``val_paths`` data sets in one pass (the streaming path, :class:`ModelReconstructor`), scored
     with the paper's metrics. ``best.h5`` is the epoch with the best mean PSNR of n_e and n_o,
     its uncertainty head then fitted (:func:`fit_uncertainty`, ``uncertainty_epochs``). ``init``:
-    a student file of this teacher to continue from (``epochs=0``: fit only its head)."""
+    a student file of this teacher to continue from (``epochs=0``: fit only its head). ``q_weight``:
+    the Q-tensor loss's weight (default: the teacher's training recipe's); the director of the
+    teacher's mean is where one pass loses most."""
     from ..evaluation import evaluate
     from ..reconstruction.model import ModelReconstructor
 
@@ -185,6 +187,7 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     train_config = TrainConfig(**{k: v for k, v in teacher.metadata.get("train_config", {}).items()
                                   if k in TrainConfig.__dataclass_fields__})
     schedule = TrainConfig(epochs=epochs, learning_rate=lr, schedule="cosine")
+    q_weight = train_config.q_weight if q_weight is None else q_weight
     student = _student(teacher, init)
     config = student.config
     parameters = [p for name, p in student.named_parameters()
@@ -194,7 +197,8 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     best, best_state = -math.inf, None
     metadata = {"distilled_from": teacher.sha256, "teacher_file": str(teacher_path),
                 "distill": {"data": [str(p) for p in data_paths], "epochs": epochs, "lr": lr, "init": str(init),
-                            "batch_size": batch_size, "teacher_weight": teacher_weight, "seed": seed},
+                            "batch_size": batch_size, "teacher_weight": teacher_weight, "seed": seed,
+                            "q_weight": q_weight},
                 "train_config": teacher.metadata.get("train_config")}
     if init is not None:
         metadata.update({k: v for k, v in load_model(init).metadata.items() if k in ("epoch", "val")})
@@ -209,8 +213,8 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
         for first in range(0, len(order), batch_size):
             batch = _batch([items.item(i, random.randrange(TURNS)) for i in order[first:first + batch_size]])
             outputs = student.finalize(batch["states"], batch["prior"])
-            to_truth = losses(outputs, batch["truth"], config, train_config.q_weight, train_config.q_loss)["total"]
-            to_teacher = losses(outputs, batch["teacher"], config, train_config.q_weight, "volume")["total"]
+            to_truth = losses(outputs, batch["truth"], config, q_weight, train_config.q_loss)["total"]
+            to_teacher = losses(outputs, batch["teacher"], config, q_weight, "volume")["total"]
             loss = to_truth + teacher_weight * to_teacher
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
