@@ -239,8 +239,10 @@ class BirefNet(nn.Module):
         if not self.config.uncertainty_head:
             return ne, no, out[:, 2:]
         log_spread = self._to_volume(self.uncertainty(x).float()).clamp(-16.0, 2.0)
-        scale = torch.tensor([span, span, 1.0], dtype=log_spread.dtype, device=log_spread.device)
-        return ne, no, out[:, 2:], torch.exp(log_spread) * scale[:, None, None, None]
+        spread = torch.exp(log_spread)
+        # index spreads in index units; the director's angle is at most a right angle
+        spread = torch.cat([span * spread[:, :2], spread[:, 2:].clamp(max=math.pi / 2)], dim=1)
+        return ne, no, out[:, 2:], spread
 
     def _to_volume(self, out: torch.Tensor) -> torch.Tensor:
         if tuple(out.shape[2:]) != self.config.volume_shape:
