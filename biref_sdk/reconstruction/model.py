@@ -133,6 +133,18 @@ class ModelSession(ReconstructionSession):
         # finalize leaves the session as it was (a preview may be followed by more views)
         clock = _StageClock()
         turns = len(self._states)
+        # the prior first: the decode thread may still be finishing the last turns meanwhile
+        prior = None
+        if self._prior_session is not None:
+            from .prior import formula_prior
+            from ..network.symmetry import turn_prior
+
+            prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
+            priors = [prior]
+            for _ in range(1, turns):
+                priors.append(turn_prior(priors[-1]))
+            prior = torch.stack(priors).to(self._engine.device)
+            clock.lap("formula_prior")
         decoded = []
         for turn in range(turns):
             if self._decoded[turn] is not None:
@@ -148,17 +160,6 @@ class ModelSession(ReconstructionSession):
             decoded.append(self._engine.decode(torch.stack(states, dim=1)))
         decoded = torch.cat(decoded)  # a batch of the turns
         clock.lap("decode")
-        prior = None
-        if self._prior_session is not None:
-            from .prior import formula_prior
-            from ..network.symmetry import turn_prior
-
-            prior = formula_prior(self._prior_session.finalize(allow_missing=allow_missing), self._config)
-            priors = [prior]
-            for _ in range(1, turns):
-                priors.append(turn_prior(priors[-1]))
-            prior = torch.stack(priors).to(self._engine.device)
-            clock.lap("formula_prior")
         ne, no, q, *predicted = self._engine.readout(decoded, prior)  # predicted: the uncertainty head's
         clock.lap("readout")
         # each turn's answer turned back, then their mean (of Q, so the director is sign-free)
