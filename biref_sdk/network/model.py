@@ -259,7 +259,12 @@ class BirefNet(nn.Module):
     def forward(self, windows: torch.Tensor, prior: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``windows`` ``[B, S, C_in, 1, H, W]`` (S = sequence length) and the prior (if the
-        configuration has one; see :meth:`finalize`) -> ``(ne, no, q)``."""
+        configuration has one; see :meth:`finalize`) -> ``(ne, no, q)`` (and the uncertainty, see
+        :meth:`readout`)."""
+        return self.finalize(self.hidden_states(windows), prior)
+
+    def hidden_states(self, windows: torch.Tensor) -> torch.Tensor:
+        """``windows`` ``[B, S, C_in, 1, H, W]`` -> the GRU's hidden states ``[B, S, C_h, 1, h, w]``."""
         b, s = windows.shape[:2]
         features = self.encode(windows.reshape(b * s, *windows.shape[2:]))
         features = features.reshape(b, s, *features.shape[1:])
@@ -268,7 +273,7 @@ class BirefNet(nn.Module):
         for t in range(s):  # s is fixed by the configuration, not by the data
             hidden = self.gru_step(hidden, features[:, t])
             states.append(hidden)
-        return self.finalize(torch.stack(states, dim=1), prior)
+        return torch.stack(states, dim=1)
 
 
 def q_from_director(director: torch.Tensor) -> torch.Tensor:

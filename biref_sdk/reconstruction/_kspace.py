@@ -75,7 +75,7 @@ class FourierPlan:
         dz = g.voxel_size_m[0]
         p = g.pixel_size_m
         self.n_z = max(Z, int(math.ceil(z_oversampling * Z)))
-        k0, km = g.k0_per_m, g.k_medium_per_m
+        k0 = g.k0_per_m
         dkz = 2 * math.pi / (self.n_z * dz)
         k_hat, u1, u2 = polarization_basis(g)
         self.T = transverse_matrix(g)
@@ -270,17 +270,15 @@ class FourierPlan:
                 part = m["y"] @ (m["z"] @ part.reshape(c, Bz, By * Bx)).reshape(c, Z, By, Bx)  # [c, Z, Y, Bx]
                 out.append(torch.cat([part.real, part.imag], dim=-1) @ m["x"])
             return torch.cat(out)
+        # other voxel sizes: sample the whole camera grid, then interpolate onto the voxel centres
         g = self.geometry
         H, W = g.hologram_shape
         Z, Y, X = g.volume_shape
-        _, dy, dx = g.voxel_size_m
         p = g.pixel_size_m
-        Mz, My, Mx = self.half_box
+        Mz, My, _ = self.half_box
         dev = half.device
         my = torch.arange(-My, My + 1, device=dev)
-        # other voxel sizes: sample the whole camera grid, then interpolate onto the voxel centres
-        y0, x0, ny, nx = -H / 2 * p, -W / 2 * p, H, W
-        lateral = self._lateral_phase(dev, y0, x0)
+        lateral = self._lateral_phase(dev, -H / 2 * p, -W / 2 * p)
         synthesis = self._z_transform(dev, inverse=True)
         out = torch.empty(half.shape[0], Z, Y, X, dtype=torch.float32, device=dev)
         for start in range(0, half.shape[0], chunk):
@@ -289,8 +287,8 @@ class FourierPlan:
             part = (synthesis @ part.reshape(c, 2 * Mz + 1, By * Bx)).reshape(c, Z, By, Bx)
             grid = torch.zeros(c, Z, H, Bx, dtype=part.dtype, device=dev)
             grid[:, :, my % H] = part
-            part = torch.fft.ifft(grid, dim=2)[:, :, :ny]
-            real = torch.fft.irfft(part, n=W, dim=3)[..., :nx]  # irfft zero-fills kx > Mx
+            part = torch.fft.ifft(grid, dim=2)
+            real = torch.fft.irfft(part, n=W, dim=3)  # irfft zero-fills kx > Mx
             out[start:start + chunk] = _resample_lateral(real, g)
         return out
 

@@ -40,17 +40,6 @@ logger = logging.getLogger(__name__)
 TURNS = 4
 
 
-def _hidden_states(network, windows: torch.Tensor) -> torch.Tensor:
-    """Window sequence ``[S, C_in, 1, H, W]`` -> the GRU's hidden states ``[S, C_h, 1, h, w]``."""
-    features = network.encode(windows)
-    hidden = network.initial_hidden(1, dtype=features.dtype)
-    states = []
-    for step in range(features.shape[0]):
-        hidden = network.gru_step(hidden, features[step:step + 1])
-        states.append(hidden[0])
-    return torch.stack(states)
-
-
 def _normalised(ne: torch.Tensor, no: torch.Tensor, q: torch.Tensor, config) -> torch.Tensor:
     """(n_e, n_o, Q) -> ``[7, Z, Y, X]`` with the indices in units of the output range (float16 keeps
     ~1e-5 index units there; the indices themselves would lose 1e-3 near 1.5)."""
@@ -76,7 +65,7 @@ def prepare_sample(teacher: LoadedModel, dataset: Dataset, index: int, formula, 
     for turn in range(TURNS):
         if turn:
             turned_views, turned_prior = turn_views(turned_views, sources), turn_prior(turned_prior)
-        hidden = _hidden_states(network, preprocessor.window_mean(turned_views))
+        hidden = network.hidden_states(preprocessor.window_mean(turned_views)[None])[0]
         ne, no, q = network.finalize(hidden[None], turned_prior[None])
         answers.append(turn_output(ne[0], no[0], q[0], -turn))
         states.append(hidden)
@@ -133,19 +122,24 @@ class _Items:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def item(self, index: int, turn: int) -> dict:
-        """Turn ``turn``'s hidden states, prior, truth and teacher answer in that turn's frame."""
-        c = self.config
-        span = c.index_max - c.index_min
-        entry, truth = self.entries[index], self.truths[index]
+    def inputs(self, index: int, turn: int) -> dict:
+        """Turn ``turn``'s hidden states and prior (in that turn's frame)."""
+        entry = self.entries[index]
         prior = entry["prior"].float()
         for _ in range(turn):
             prior = turn_prior(prior)
-        teacher = entry["teacher"].float()
+        return {"states": entry["states"][turn].float(), "prior": prior}
+
+    def item(self, index: int, turn: int) -> dict:
+        """:meth:`inputs`, and the truth and the teacher's answer in that turn's frame."""
+        c = self.config
+        span = c.index_max - c.index_min
+        truth = self.truths[index]
+        teacher = self.entries[index]["teacher"].float()
         ne, no, q = turn_output(c.index_min + span * teacher[0], c.index_min + span * teacher[1], teacher[2:], turn)
         tne, tno, tq = turn_output(truth["ne"], truth["no"], truth["q"].float(), turn)
-        return {"states": entry["states"][turn].float(), "prior": prior,
-                "truth": {"ne": tne, "no": tno, "q": tq}, "teacher": {"ne": ne, "no": no, "q": q}}
+        return {**self.inputs(index, turn), "truth": {"ne": tne, "no": tno, "q": tq},
+                "teacher": {"ne": ne, "no": no, "q": q}}
 
 
     def spread(self, index: int, turn: int) -> torch.Tensor:
@@ -157,9 +151,12 @@ class _Items:
 
 
 def _batch(items: list[dict]) -> dict:
-    return {"states": torch.stack([i["states"] for i in items]), "prior": torch.stack([i["prior"] for i in items]),
-            **{kind: {k: torch.stack([i[kind][k] for i in items]) for k in ("ne", "no", "q")}
-               for kind in ("truth", "teacher")}}
+    """Stack items of :meth:`_Items.item` (or of :meth:`_Items.inputs`) into a batch."""
+    batch = {"states": torch.stack([i["states"] for i in items]), "prior": torch.stack([i["prior"] for i in items])}
+    for kind in ("truth", "teacher"):
+        if kind in items[0]:
+            batch[kind] = {k: torch.stack([i[kind][k] for i in items]) for k in ("ne", "no", "q")}
+    return batch
 
 
 def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 10, lr: float = 1e-4,
@@ -188,10 +185,11 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
                                   if k in TrainConfig.__dataclass_fields__})
     schedule = TrainConfig(epochs=epochs, learning_rate=lr, schedule="cosine")
     q_weight = train_config.q_weight if q_weight is None else q_weight
-    student = _student(teacher, init)
+    initial = load_model(init) if init is not None else None
+    student = _student(teacher, initial)
     config = student.config
-    parameters = [p for name, p in student.named_parameters()
-                  if not name.startswith(("encoder.", "gru.", "uncertainty."))]
+    parameters = [p for name, p in student.named_parameters()  # the head is fitted afterwards, alone
+                  if p.requires_grad and not name.startswith("uncertainty.")]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     history = []
     best, best_state = -math.inf, None
@@ -200,8 +198,8 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
                             "batch_size": batch_size, "teacher_weight": teacher_weight, "seed": seed,
                             "q_weight": q_weight},
                 "train_config": teacher.metadata.get("train_config")}
-    if init is not None:
-        metadata.update({k: v for k, v in load_model(init).metadata.items() if k in ("epoch", "val")})
+    if initial is not None:
+        metadata.update({k: v for k, v in initial.metadata.items() if k in ("epoch", "val")})
     for epoch in range(1, epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule, epoch)
@@ -252,19 +250,19 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     return history
 
 
-def _student(teacher: LoadedModel, init=None):
+def _student(teacher: LoadedModel, init: LoadedModel | None = None):
     """The student network: the teacher's, one pass by default, with an uncertainty head (its
-    weights from ``init``, a student model file, where given; else the teacher's and a new head)."""
-    config = teacher.config.replace(quarter_turns=False, uncertainty_head=True)
+    weights from ``init``, a loaded student of this teacher, where given; else the teacher's and a
+    new head)."""
     from ..network.model import BirefNet
 
-    student = BirefNet(config)
-    source = load_model(init).network if init is not None else teacher.network
+    if init is not None and init.metadata.get("distilled_from") != teacher.sha256:
+        raise ValueError(f"{init.path} was not distilled from this teacher")
+    student = BirefNet(teacher.config.replace(quarter_turns=False, uncertainty_head=True))
+    source = (init or teacher).network
     missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not name.startswith("uncertainty.") for name in missing):
-        raise ValueError(f"{init or 'the teacher'} does not fit the student: {sorted(missing + unexpected)[:5]}")
-    if init is not None and load_model(init).metadata.get("distilled_from") != teacher.sha256:
-        raise ValueError(f"{init} was not distilled from this teacher")
+        raise ValueError(f"{(init or teacher).path} does not fit the student: {sorted(missing + unexpected)[:5]}")
     for module in (student.encoder, student.gru):
         module.requires_grad_(False)
     return student
@@ -279,11 +277,10 @@ def fit_uncertainty(student, items: "_Items", epochs: int = 3, lr: float = 1e-3,
                     log=logger.info) -> list[float]:
     """Train the student's uncertainty head alone (everything else frozen) to give the log of the
     teacher's quarter-turn spread; returns the mean squared log error per epoch."""
-    head = student.uncertainty
-    frozen = [p for p in student.parameters() if p.requires_grad and all(p is not h for h in head.parameters())]
+    frozen = [p for name, p in student.named_parameters() if p.requires_grad and not name.startswith("uncertainty.")]
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(student.uncertainty.parameters(), lr=lr)
     c = student.config
     scale = torch.tensor([c.index_max - c.index_min, c.index_max - c.index_min, 1.0])[None, :, None, None, None]
     errors = []
@@ -294,7 +291,7 @@ def fit_uncertainty(student, items: "_Items", epochs: int = 3, lr: float = 1e-3,
             total = 0.0
             for first in range(0, len(order), batch_size):
                 chosen = [(i, random.randrange(TURNS)) for i in order[first:first + batch_size]]
-                batch = _batch([items.item(i, t) for i, t in chosen])
+                batch = _batch([items.inputs(i, t) for i, t in chosen])
                 target = torch.stack([items.spread(i, t) for i, t in chosen]).clamp_min(SPREAD_FLOOR).log()
                 with torch.no_grad():
                     features = student.decode(batch["states"])
