@@ -82,3 +82,35 @@ def test_distill_trains_a_one_pass_student_that_keeps_the_encoder(teacher_and_da
     assert volume.uncertainty.shape == (3, *volume.shape) and np.all(volume.uncertainty > 0)
     fit = load_model(out / "best.h5").metadata["uncertainty_fit"]["mean_squared_log_error"]
     assert fit[-1] < fit[0]
+
+
+def test_a_student_may_read_a_prior_with_other_formula_options(teacher_and_data, tmp_path, capsys):
+    """``--prior-option late_views=3``: the student learns the teacher's answer from the prior of the
+    formula's streaming warm start, which its file then records (and its reconstructions use)."""
+    from biref_sdk.reconstruction.formula import FormulaReconstructor
+    from biref_sdk.reconstruction.prior import formula_prior
+
+    folder = teacher_and_data
+    out = tmp_path / "run"
+    common = ["distill", "--teacher", str(folder / "teacher.h5"), "--data", str(folder / "train.h5"),
+              "--val", str(folder / "val.h5"), "--cache-dir", str(folder / "cache"), "--out", str(out),
+              "--epochs", "1", "--uncertainty-epochs", "0", "--threads", "1"]
+    for bad, message in (("late_views", "expected KEY=VALUE"), ("bogus=1", "unknown prior_options ['bogus']")):
+        assert biref(common + ["--prior-option", bad]) != 0
+        assert message in capsys.readouterr().err
+    assert biref(common + ["--prior-option", "late_views=3"]) == 0
+    teacher, student = load_model(folder / "teacher.h5"), load_model(out / "best.h5")
+    assert student.config.prior_options["late_views"] == 3 and teacher.config.prior_options["late_views"] == 0
+    options = {**teacher.config.prior_options, "late_views": 3}
+    items = _Items([folder / "train.h5"], [next((folder / "cache").glob("train-*"))], teacher.config,
+                   student.config, folder / "cache")
+    with Dataset(folder / "train.h5") as dataset:
+        acquisition = dataset.acquisition(2)
+        expected = formula_prior(FormulaReconstructor(**options).reconstruct(acquisition), student.config)
+        cold = formula_prior(FormulaReconstructor(**teacher.config.prior_options).reconstruct(acquisition),
+                             student.config)
+    prior = items.inputs(2, 0)["prior"]
+    np.testing.assert_allclose(prior.numpy(), expected.numpy(), atol=2e-3)  # float16 cache
+    assert float((prior - cold).abs().max()) > 1e-2  # another prior than the teacher's
+    volume = ModelReconstructor(student, engine="torch").reconstruct(acquisition)
+    assert np.all(np.isfinite(volume.ne))

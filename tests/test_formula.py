@@ -203,9 +203,50 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="unknown formula options: bogus"):
         get_reconstructor("formula", bogus=1)
     for bad in ({"constraint_iterations": -1}, {"shrinkage": -1e-3}, {"index_bounds": (1.57, 1.54)},
-                {"z_oversampling": 0.5}):
+                {"z_oversampling": 0.5}, {"late_views": -1}, {"late_views": 5, "late_iterations": 0},
+                {"late_views": 5, "late_iterations": 6}):
         with pytest.raises(ValueError):
             FormulaOptions(**bad)
+    geometry = preset("small")
+    with pytest.raises(ValueError, match="late_views 37 must be below the 37 views"):
+        get_reconstructor("formula", late_views=37).start(geometry, np.zeros((2, 37, *geometry.hologram_shape)))
+
+
+def test_warm_start_runs_before_the_late_views_and_keeps_the_physics(sphere_acquisition, droplet_acquisition):
+    """``late_views``: the constraint iterations but the last start once the early views are in; the
+    volume is the same for any arrival order and for a preview's later finalize, and as right."""
+    acquisition = droplet_acquisition
+    geometry = acquisition.geometry
+    reconstructor = get_reconstructor("formula", late_views=12)
+    offline = reconstructor.reconstruct(acquisition)
+    assert offline.parameters["constraint_iterations_after_last_view"] == 1
+    session = reconstructor.start(geometry, acquisition.background)
+    late = [(p, v) for v in range(25, 37) for p in range(2)]
+    early = [(p, v) for v in range(25) for p in range(2)]
+    rng = np.random.default_rng(1)
+    for p, v in [late[i] for i in rng.permutation(len(late))[:6]] + [early[i] for i in rng.permutation(len(early))]:
+        session.add_view(p, v, acquisition.holograms[p, v])
+    assert session._warm_start is not None  # started with the last early view, before the late ones
+    preview = session.finalize(allow_missing=True)  # late views missing: every iteration now, on what is there
+    assert preview.parameters["constraint_iterations_after_last_view"] == 5
+    for p, v in late:
+        if not session.received[p, v]:
+            session.add_view(p, v, acquisition.holograms[p, v])
+    streamed = session.finalize()
+    for name in ("ne", "no"):
+        np.testing.assert_allclose(getattr(streamed, name), getattr(offline, name), atol=2e-6)
+    # as right as five iterations after the last view: the droplet's indices and director
+    cold = get_reconstructor("formula").reconstruct(acquisition)
+    inside = radius_map(geometry) < 0.5 * DROPLET_RADIUS_M
+    for volume in (offline, cold):
+        assert abs(np.median(volume.ne[inside]) - DROPLET_NE) < 3e-3
+        assert abs(np.median(volume.no[inside]) - DROPLET_NO) < 3e-3
+    assert abs(np.median(offline.ne[inside]) - np.median(cold.ne[inside])) < 1e-3
+    psi = math.radians(DROPLET_ANGLE_DEG)
+    cosine = np.abs(offline.director[0] * math.cos(psi) + offline.director[1] * math.sin(psi))[inside]
+    assert np.degrees(np.arccos(np.median(cosine))) < 5.0
+    assert_sphere(get_reconstructor("formula", late_views=12).reconstruct(sphere_acquisition), geometry,
+                  SPHERE_INDEX, SPHERE_RADIUS_M)
 
 
 def test_evaluate_cli_passes_formula_options(tmp_path, capsys):

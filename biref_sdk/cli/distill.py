@@ -33,9 +33,27 @@ def register(subparsers) -> None:
                         "the decoder's (default 3; 0: leave it untrained)")
     p.add_argument("--init", metavar="STUDENT.h5",
                    help="continue from a student of this teacher (with --epochs 0: only fit its uncertainty head)")
+    p.add_argument("--prior-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a formula option of the student's prior that differs from the teacher's (VALUE in JSON), "
+                        "e.g. late_views=12 (the streaming warm start); repeatable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (process-wide; default torch's)")
     p.set_defaults(func=run)
+
+
+def _prior_options(pairs: list[str]) -> dict:
+    import json
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--prior-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--prior-option {pair!r}: VALUE must be JSON (a number, true/false, [lo, hi])") from None
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--epochs 0 needs --init STUDENT.h5")
     history = distill(teacher, args.data, args.val, args.out, args.cache_dir, epochs=args.epochs, lr=args.lr,
                       batch_size=args.batch_size, teacher_weight=args.teacher_weight, seed=args.seed,
-                      init=args.init, uncertainty_epochs=args.uncertainty_epochs, q_weight=args.q_weight, log=print)
+                      init=args.init, uncertainty_epochs=args.uncertainty_epochs, q_weight=args.q_weight,
+                      prior_options=_prior_options(args.prior_option), log=print)
     if history:
         best = max(history, key=lambda h: h["val_score"])
         print(f"done: best epoch {best['epoch']} (mean val PSNR {best['val_score']:.2f} dB); model files in {args.out}")

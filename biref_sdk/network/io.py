@@ -5,7 +5,7 @@ A model file is HDF5 (no pickle, so loading a file runs no code from it):
 | item | meaning |
 |---|---|
 | attr `kind` | `"model"` |
-| attr `format_version` | 3 (this SDK reads 1, 2 and 3) |
+| attr `format_version` | 4 (this SDK reads 1 to 4) |
 | attr `sdk_version` | the biref_sdk version that wrote it |
 | attr `config` | JSON of :class:`~biref_sdk.network.config.NetworkConfig` |
 | attr `geometry` | JSON of the geometry attributes of docs/formats.md plus `hologram_shape` |
@@ -18,6 +18,9 @@ Format 2 adds the configuration keys `prior` and `prior_options` (the formula pr
 `prior = "none"`. Readers of format 1 refuse format 2 files by their version, with a clear error.
 Format 3 adds the key `quarter_turns` (whether the model reconstructs by default as the mean over
 four quarter turns, or in one pass: a distilled model); format 1 and 2 files read as `true`.
+Format 4 adds the `prior_options` keys `late_views` and `late_iterations` (the formula's streaming
+warm start, :class:`~biref_sdk.reconstruction.formula.FormulaOptions`); files without them read
+as `late_views = 0` (every constraint iteration after the last view).
 
 Loading recomputes the digest and refuses a file whose digest differs (a corrupt or edited
 file), and refuses an acquisition geometry other than the one the model was trained for.
@@ -41,8 +44,8 @@ from ..geometry import Geometry
 from .config import NetworkConfig
 from .model import BirefNet
 
-MODEL_FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+MODEL_FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 
 # trained_models/ of the source tree (a checkout or an editable install; wheels do not carry it)

@@ -15,6 +15,7 @@ Tensor components are in the order (xx, yy, zz, xy, xz, yz) (``biref_sdk.samples
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,10 @@ ROW_WEIGHTS = (1.0, 2.0, 1.0)
 # Frobenius metric of a symmetric tensor in 6-vector form, and its isotropic direction
 _FROBENIUS = np.diag([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
 _ISOTROPIC = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def _views_key(views) -> tuple | None:
+    return None if views is None else tuple(int(v) for v in views)
 
 
 def regularizer(deviatoric: float, isotropic: float) -> np.ndarray:
@@ -137,8 +142,8 @@ class FourierPlan:
         # real space <-> frequency box is a pair of pruned FFTs both ways (the constraint step)
         self.camera_pitch = math.isclose(dy, p, rel_tol=1e-6) and math.isclose(dx, p, rel_tol=1e-6)
         self._regularizer = regularizer(regularization, isotropic_regularization)
-        self._inverse_all: torch.Tensor | None = None
-        self._data_step_all: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cache: dict = {}  # normal_inverse and data_step per view set, oldest first
+        self._cache_lock = threading.Lock()
         self._lateral_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.regularization = (regularization, isotropic_regularization)
 
@@ -155,30 +160,40 @@ class FourierPlan:
 
     def normal_inverse(self, views=None) -> torch.Tensor:
         """(A^T W A + R)^-1 per compact voxel, float32 [n_voxels, 6, 6], for the given views (all by
-        default; that case is cached)."""
-        if views is None and self._inverse_all is not None:
-            return self._inverse_all
-        normal = self.normal_matrices(views) + torch.as_tensor(self._regularizer)
-        # a voxel with no data and a zero regularizer has a singular system: its solution is zero
-        empty = normal.abs().amax(dim=(1, 2)) == 0
-        normal[empty] = torch.eye(6, dtype=torch.float64)
-        inverse = torch.linalg.inv(normal).to(torch.float32).to(self.device)
-        if views is None:
-            self._inverse_all = inverse
-        return inverse
+        default; cached for the last few view sets: a warm start's is the same every acquisition)."""
+        key = ("inverse", _views_key(views))
+        cached = self._cache.get(key)
+        if cached is None:
+            normal = self.normal_matrices(views) + torch.as_tensor(self._regularizer)
+            # a voxel with no data and a zero regularizer has a singular system: its solution is zero
+            empty = normal.abs().amax(dim=(1, 2)) == 0
+            normal[empty] = torch.eye(6, dtype=torch.float64)
+            cached = self._remember(key, torch.linalg.inv(normal).to(torch.float32).to(self.device))
+        return cached
 
     def data_step(self, views=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T W A, (A^T W A + R)^-1)`` on the independent (kx >= 0) compact voxels, complex64
-        ``[len(half_compact), 6, 6]`` each: the constraint iterations' data step, for the given
-        views (all by default; that case is cached: it is the same for every acquisition)."""
-        if views is None and self._data_step_all is not None:
-            return self._data_step_all
-        keep = self.half_compact
-        normal = self.normal_matrices(views)[keep.cpu()].to(torch.complex64).to(self.device)
-        inverse = self.normal_inverse(views)[keep].to(torch.complex64)
-        if views is None:
-            self._data_step_all = (normal, inverse)
-        return normal, inverse
+        """The constraint iterations' data step ``x <- G b + (I - G N) x`` on the independent
+        (kx >= 0) compact voxels, ``N = A^T W A`` and ``G = (N + R)^-1`` of the given views (all by
+        default; cached like ``normal_inverse``): ``(G`` complex64, ``I - G N`` float32``)``, each
+        ``[len(half_compact), 6, 6]``; real matrices, so ``I - G N`` acts on the real and
+        imaginary parts alike."""
+        key = ("data_step", _views_key(views))
+        cached = self._cache.get(key)
+        if cached is None:
+            keep = self.half_compact
+            normal = self.normal_matrices(views)[keep.cpu()]
+            inverse = self.normal_inverse(views)[keep].to(torch.float64)
+            contraction = torch.eye(6, dtype=torch.float64) - inverse.cpu() @ normal
+            cached = self._remember(key, (inverse.to(torch.complex64).to(self.device),
+                                          contraction.to(torch.float32).to(self.device)))
+        return cached
+
+    def _remember(self, key, value):
+        with self._cache_lock:  # sessions finalize on several threads
+            self._cache[key] = value
+            while len(self._cache) > 6:
+                self._cache.pop(next(iter(self._cache)))
+        return value
 
     def to_dense(self, solution: torch.Tensor) -> torch.Tensor:
         """Compact solution [n_voxels, 6] -> dense half box complex64 [6, Bz, By, Mx + 1] (kx >= 0)."""
@@ -229,9 +244,11 @@ class FourierPlan:
         """The lateral transforms between the half box and a camera-pitch volume grid as matrices
         (the Y x X voxels sit on the camera's periodic H x W grid, origin at the volume centre):
         synthesis ``y`` [Y, By] (with the inverse DFT's 1/H) and ``x`` [2 (Mx + 1), X] (the real
-        part of a Hermitian half spectrum, 1/W and the doubled kx > 0 terms, acting on [real,
-        imaginary] parts side by side), analysis ``y_hat`` [By, Y], ``x_re``/``x_im`` [X, Mx + 1].
-        On the small grids of a volume two matrix products beat zero-filled FFTs (2-3x, CPU)."""
+        part of a Hermitian half spectrum, 1/W and the doubled kx > 0 terms, acting on the
+        interleaved real and imaginary parts), analysis ``y_hat`` [By, Y] and ``x_hat``
+        [X, 2 (Mx + 1)] (interleaved real and imaginary parts out). On the small grids of a volume
+        matrix products beat zero-filled FFTs (2-3x, CPU). Each axis is transformed where the
+        other axes are smallest (x last out of and first into the volume, y before z)."""
         key = str(dev)
         cached = self._lateral_cache.get(key)
         if cached is None:
@@ -248,28 +265,32 @@ class FourierPlan:
             x_analysis = torch.exp(-2j * math.pi * x[:, None] * mx[None, :] / W)
             cached = {
                 "y": (torch.exp(2j * math.pi * y[:, None] * my[None, :] / H) / H).to(torch.complex64).to(dev),
-                "x": torch.cat([x_synthesis.real, -x_synthesis.imag]).to(torch.float32).to(dev),
+                # rows (real, imaginary) per frequency: acts on a complex tensor's view_as_real
+                "x": torch.stack([x_synthesis.real, -x_synthesis.imag], 1).reshape(-1, X).to(torch.float32).to(dev),
                 "y_hat": torch.exp(-2j * math.pi * my[:, None] * y[None, :] / H).to(torch.complex64).to(dev),
-                "x_re": x_analysis.real.to(torch.float32).contiguous().to(dev),
-                "x_im": x_analysis.imag.to(torch.float32).contiguous().to(dev),
+                # columns (real, imaginary) per frequency: its product is a complex tensor's view_as_real
+                "x_hat": torch.view_as_real(x_analysis).reshape(X, -1).to(torch.float32).contiguous().to(dev),
                 "z": self._z_transform(dev, inverse=True), "z_hat": self._z_transform(dev, inverse=False),
             }
             self._lateral_cache[key] = cached
         return cached
 
-    def to_volume(self, half: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+    def to_volume(self, half: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Half box [C, Bz, By, Mx + 1] (kx >= 0) of a Hermitian spectrum (a real tensor field) ->
-        real samples float32 [C, Z, Y, X] on the volume grid (voxel centres of docs/formats.md)."""
+        real samples float32 [C, Z, Y, X] on the volume grid (voxel centres of docs/formats.md),
+        ``chunk`` channels at a time (default: all of a small volume's, one of a large one's)."""
+        if chunk is None:
+            chunk = half.shape[0] if math.prod(self.geometry.volume_shape) <= 1 << 21 else 1
         if self.camera_pitch:
             m = self._lateral_matrices(half.device)
             Z = self.geometry.volume_shape[0]
             out = []
             for start in range(0, half.shape[0], chunk):
-                part = half[start:start + chunk]
-                c, Bz, By, Bx = part.shape
-                part = m["y"] @ (m["z"] @ part.reshape(c, Bz, By * Bx)).reshape(c, Z, By, Bx)  # [c, Z, Y, Bx]
-                out.append(torch.cat([part.real, part.imag], dim=-1) @ m["x"])
-            return torch.cat(out)
+                part = m["y"] @ half[start:start + chunk]  # [c, Bz, Y, Bx]
+                c, Bz, Y, Bx = part.shape
+                part = (m["z"] @ part.reshape(c, Bz, Y * Bx)).reshape(c, Z, Y, Bx)
+                out.append(torch.view_as_real(part).reshape(c, Z, Y, 2 * Bx) @ m["x"])
+            return torch.cat(out) if len(out) > 1 else out[0]
         # other voxel sizes: sample the whole camera grid, then interpolate onto the voxel centres
         g = self.geometry
         H, W = g.hologram_shape
@@ -295,16 +316,17 @@ class FourierPlan:
     def from_volume(self, volume: torch.Tensor) -> torch.Tensor:
         """Fourier transform of real samples [C, Z, Y, X] on the volume grid (zero outside it) onto
         the half box [C, Bz, By, Mx + 1]: the transform that ``to_volume`` inverts for fields
-        band-limited to the box (used by the constraint iterations): the x and y axes as matrix
-        products onto the box's frequencies (``_lateral_matrices``), then z."""
+        band-limited to the box (used by the constraint iterations): x, z and y as matrix
+        products onto the box's frequencies (``_lateral_matrices``)."""
         Z = self.geometry.volume_shape[0]
         if not self.camera_pitch:
             raise ValueError("from_volume needs voxels of the camera pixel size laterally")
         m = self._lateral_matrices(volume.device)
-        volume = volume.float()
-        half = m["y_hat"] @ torch.complex(volume @ m["x_re"], volume @ m["x_im"])  # [C, Z, By, Bx]
-        c, _, By, Bx = half.shape
-        return (m["z_hat"] @ half.reshape(c, Z, By * Bx)).reshape(c, -1, By, Bx)
+        c, _, Y, _ = volume.shape
+        half = torch.view_as_complex((volume.float() @ m["x_hat"]).reshape(c, Z, Y, -1, 2))  # [C, Z, Y, Bx]
+        Bx = half.shape[-1]
+        half = (m["z_hat"] @ half.reshape(c, Z, Y * Bx)).reshape(c, -1, Y, Bx)
+        return m["y_hat"] @ half  # [C, Bz, By, Bx]
 
 
 def _resample_lateral(planes: torch.Tensor, geometry: Geometry) -> torch.Tensor:

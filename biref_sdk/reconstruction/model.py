@@ -79,7 +79,10 @@ class ModelSession(ReconstructionSession):
         self._decoded: list[Future | None] = [None] * turns
         self._prior_session = None
         if config.prior != "none":
-            self._prior_session = reconstructor.prior_reconstructor().start(geometry, background)
+            # the prior's warm start (FormulaOptions.late_views) on the decode thread: before the decoder,
+            # which needs the views after it
+            self._prior_session = reconstructor.prior_reconstructor().start(
+                geometry, background, executor=reconstructor.decode_thread())
 
     def _add_view(self, polarization: int, view: int, hologram: np.ndarray) -> None:
         if self._prior_session is not None:  # the formula uses every view, also those past the last window

@@ -10,7 +10,10 @@ network initialised from the teacher, learns to give that average in one pass:
 - attention, decoder and head are trained on one turn's hidden states (a random turn per item:
   the student must answer alike from any of them) against the truth and the teacher's average,
   both turned into that turn's frame;
-- the student's file records ``quarter_turns = False``: it reconstructs in one pass by default.
+- the student's file records ``quarter_turns = False``: it reconstructs in one pass by default;
+- the student may read a prior made with other formula options than the teacher's
+  (``prior_options``, e.g. the streaming warm start ``late_views``): it learns the teacher's
+  answer from that prior, cached per sample beside the hidden states (``HologramDataset.prior``).
 
 Files in the output folder: ``best.h5`` / ``last.h5`` (model files), ``history.json``.
 """
@@ -32,7 +35,8 @@ from ..network.io import LoadedModel, load_model, save_model
 from ..network.symmetry import quarter_turn_sources, turn_output, turn_prior, turn_views
 from ..reconstruction.model import director_from_q, turn_spread
 from ..reconstruction.prior import formula_prior, formula_reconstructor
-from .data import training_targets
+from ..reconstruction.prior import with_prior_options
+from .data import HologramDataset, training_targets
 from .loop import learning_rate, losses, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -106,14 +110,23 @@ def prepare(teacher_path, data_paths, cache_dir) -> list[Path]:
 
 
 class _Items:
-    """The cached entries (in memory, float16) and the truths of the data files."""
+    """The cached entries (in memory, float16) and the truths of the data files; with a
+    ``student_config`` whose prior differs from the teacher's, that prior replaces the cached one
+    (made once per sample and kept on disk under ``cache_dir``)."""
 
-    def __init__(self, data_paths, folders, config) -> None:
+    def __init__(self, data_paths, folders, config, student_config=None, cache_dir=None) -> None:
         self.entries, self.truths = [], []
+        own_prior = student_config is not None and student_config.prior_options != config.prior_options
         for path, folder in zip(data_paths, folders):
+            priors = HologramDataset(path, student_config, cache_dir=cache_dir) if own_prior else None
             with Dataset(path) as dataset:
                 for index in range(len(dataset)):
-                    self.entries.append(torch.load(folder / f"{index:06d}.pt", weights_only=True))
+                    entry = torch.load(folder / f"{index:06d}.pt", weights_only=True)
+                    if priors is not None:
+                        entry["prior"] = priors.prior(index).half()
+                        if index % 50 == 0:
+                            logger.info("%s: the student's prior, %d/%d", path, index + 1, len(dataset))
+                    self.entries.append(entry)
                     truth = dataset.truth(index)
                     targets = training_targets(truth.ne, truth.no, truth.director)
                     self.truths.append({k: v.half() if k == "q" else v for k, v in targets.items()})
@@ -161,7 +174,8 @@ def _batch(items: list[dict]) -> dict:
 
 def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 10, lr: float = 1e-4,
             batch_size: int = 4, teacher_weight: float = 1.0, seed: int = 0, init=None,
-            uncertainty_epochs: int = 3, q_weight: float | None = None, log=logger.info) -> list[dict]:
+            uncertainty_epochs: int = 3, q_weight: float | None = None, prior_options: dict | None = None,
+            log=logger.info) -> list[dict]:
     """Train the one-pass student of ``teacher_path`` (see the module) and write it to ``out``.
 
     Each epoch: every sample once, at a random turn; then the student's reconstructions of the
@@ -170,7 +184,9 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     its uncertainty head then fitted (:func:`fit_uncertainty`, ``uncertainty_epochs``). ``init``:
     a student file of this teacher to continue from (``epochs=0``: fit only its head). ``q_weight``:
     the Q-tensor loss's weight (default: the teacher's training recipe's); the director of the
-    teacher's mean is where one pass loses most."""
+    teacher's mean is where one pass loses most. ``prior_options``: formula options of the
+    student's prior that differ from the teacher's (default: the ``init`` student's, else the
+    teacher's)."""
     from ..evaluation import evaluate
     from ..reconstruction.model import ModelReconstructor
 
@@ -180,14 +196,14 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_model(teacher_path)
     folders = prepare(teacher_path, data_paths, cache_dir)
-    items = _Items(data_paths, folders, teacher.config)
+    initial = load_model(init) if init is not None else None
+    student = _student(teacher, initial, prior_options)
+    config = student.config
+    items = _Items(data_paths, folders, teacher.config, config, cache_dir)
     train_config = TrainConfig(**{k: v for k, v in teacher.metadata.get("train_config", {}).items()
                                   if k in TrainConfig.__dataclass_fields__})
     schedule = TrainConfig(epochs=epochs, learning_rate=lr, schedule="cosine")
     q_weight = train_config.q_weight if q_weight is None else q_weight
-    initial = load_model(init) if init is not None else None
-    student = _student(teacher, initial)
-    config = student.config
     parameters = [p for name, p in student.named_parameters()  # the head is fitted afterwards, alone
                   if p.requires_grad and not name.startswith("uncertainty.")]
     optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -196,7 +212,7 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     metadata = {"distilled_from": teacher.sha256, "teacher_file": str(teacher_path),
                 "distill": {"data": [str(p) for p in data_paths], "epochs": epochs, "lr": lr, "init": str(init),
                             "batch_size": batch_size, "teacher_weight": teacher_weight, "seed": seed,
-                            "q_weight": q_weight},
+                            "q_weight": q_weight, "prior_options": prior_options},
                 "train_config": teacher.metadata.get("train_config")}
     if initial is not None:
         metadata.update({k: v for k, v in initial.metadata.items() if k in ("epoch", "val")})
@@ -250,15 +266,20 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     return history
 
 
-def _student(teacher: LoadedModel, init: LoadedModel | None = None):
+def _student(teacher: LoadedModel, init: LoadedModel | None = None, prior_options: dict | None = None):
     """The student network: the teacher's, one pass by default, with an uncertainty head (its
     weights from ``init``, a loaded student of this teacher, where given; else the teacher's and a
-    new head)."""
+    new head), its prior's formula options ``prior_options`` over the init's (else the teacher's)."""
     from ..network.model import BirefNet
 
     if init is not None and init.metadata.get("distilled_from") != teacher.sha256:
         raise ValueError(f"{init.path} was not distilled from this teacher")
-    student = BirefNet(teacher.config.replace(quarter_turns=False, uncertainty_head=True))
+    config = teacher.config.replace(quarter_turns=False, uncertainty_head=True)
+    if init is not None:
+        config = config.replace(prior_options=init.config.prior_options)
+    if prior_options:
+        config = with_prior_options(config.replace(prior_options={**(config.prior_options or {}), **prior_options}))
+    student = BirefNet(config)
     source = (init or teacher).network
     missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not name.startswith("uncertainty.") for name in missing):
