@@ -19,7 +19,7 @@ from biref_sdk.reconstruction import get_reconstructor
 from biref_sdk.reconstruction._eigen import symmetric_eigen, symmetric_eigen_full
 from biref_sdk.reconstruction._fields import crop_shape
 from biref_sdk.reconstruction._kspace import FourierPlan
-from biref_sdk.reconstruction.formula import FormulaOptions, project_eigenvalues, shrink_tensors
+from biref_sdk.reconstruction.formula import FormulaOptions, principal_indices, project_eigenvalues, shrink_tensors
 from biref_sdk.samples import Droplet, droplet_sample, sphere_sample
 from biref_sdk.simulate import Simulator
 
@@ -326,6 +326,21 @@ def test_constraint_projections():
     scale = np.maximum(0.0, 1 - threshold / norm)
     np.testing.assert_allclose(shrunk, t6.numpy() * scale, atol=1e-15)
     assert (scale == 0).sum() >= len(m) // 2 - 1  # below the threshold: exactly the medium
+
+
+def test_principal_indices_of_medium_and_sample_voxels():
+    """Voxels of exactly the medium (zero contrast) skip the decomposition: the medium's index and
+    the z^ convention, as the decomposition itself gives; the rest their eigenvalues and vectors."""
+    m = random_symmetric(np.random.default_rng(2), 300) * 0.01
+    t6 = as_t6(m).float()
+    t6[:, ::3] = 0.0
+    n_m = 1.54
+    ne, no, director = principal_indices(t6.reshape(6, 10, 30), n_m, chunk_voxels=64)
+    largest, smallest, vector = symmetric_eigen(t6)
+    np.testing.assert_array_equal(ne.reshape(-1).numpy(), (n_m + largest / (2 * n_m)).numpy())
+    np.testing.assert_array_equal(no.reshape(-1).numpy(), (n_m + smallest / (2 * n_m)).numpy())
+    np.testing.assert_array_equal(director.reshape(3, -1).numpy(), vector.numpy())
+    assert np.all(ne.reshape(-1).numpy()[::3] == np.float32(n_m))
 
 
 def test_fourier_plan_transforms_match_the_direct_sums():

@@ -296,3 +296,22 @@ def test_formula_prior_channels_of_a_uniform_uniaxial_volume():
     np.testing.assert_allclose(prior[2:, 0, 0, 0], expected_q, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         formula_prior(Volume(volume.ne[:2], volume.no[:2], director[:, :2], volume.voxel_size_m, 1.54), config)
+
+
+def test_the_shared_director_equals_the_whole_volumes_also_with_a_busy_helper():
+    """``director_from_q_shared``: the same values as ``director_from_q``, whether the helper thread
+    takes its share or is busy (then the caller takes it back)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from biref_sdk.reconstruction.model import director_from_q, director_from_q_shared
+
+    q = torch.randn(5, 6, 20, 30, generator=torch.Generator().manual_seed(4))
+    expected = director_from_q(q)
+    with ThreadPoolExecutor(1) as executor:
+        assert torch.equal(director_from_q_shared(q, executor, chunk_voxels=500), expected)
+        release = threading.Event()
+        busy = executor.submit(release.wait)  # another session's decoder
+        assert torch.equal(director_from_q_shared(q, executor, chunk_voxels=500), expected)
+        release.set()
+        busy.result()
