@@ -71,7 +71,8 @@ def test_distill_trains_a_one_pass_student_that_keeps_the_encoder(teacher_and_da
         same = torch.equal(teacher_weights[name], student_weights[name])
         assert same == name.startswith(("encoder.", "gru.")), name  # encoder and GRU frozen, the rest trained
     # the student answers closer to the teacher's four-turn mean than the teacher's own one pass
-    items = _Items([folder / "train.h5"], [next((folder / "cache").iterdir())], teacher.config)
+    items = _Items([folder / "train.h5"], prepare(folder / "teacher.h5", [folder / "train.h5"], folder / "cache"),
+                   teacher.config)
     assert _loss_to_teacher(student.network, items) < 0.7 * _loss_to_teacher(teacher.network, items)  # 0.53 measured
     # and reconstructs in one pass by default
     with Dataset(folder / "val.h5") as dataset:
@@ -102,8 +103,8 @@ def test_a_student_may_read_a_prior_with_other_formula_options(teacher_and_data,
     teacher, student = load_model(folder / "teacher.h5"), load_model(out / "best.h5")
     assert student.config.prior_options["late_views"] == 3 and teacher.config.prior_options["late_views"] == 0
     options = {**teacher.config.prior_options, "late_views": 3}
-    items = _Items([folder / "train.h5"], [next((folder / "cache").glob("train-*"))], teacher.config,
-                   student.config, folder / "cache")
+    teacher_cache = prepare(folder / "teacher.h5", [folder / "train.h5"], folder / "cache")  # kept: no work
+    items = _Items([folder / "train.h5"], teacher_cache, teacher.config, student.config, folder / "cache")
     with Dataset(folder / "train.h5") as dataset:
         acquisition = dataset.acquisition(2)
         expected = formula_prior(FormulaReconstructor(**options).reconstruct(acquisition), student.config)
