@@ -63,10 +63,10 @@ class FormulaOptions:
         ``late_iterations`` of them run on the data of the views before the acquisition's last
         ``late_views`` (in view order), as soon as those views have arrived, while the rest
         arrive; the last ``late_iterations`` continue from there with every view's data. 0
-        (default): every iteration after the last view. With 12 and 1 of 5 iterations the
-        result is as accurate as five iterations after the last view (docs/reconstruction.md)
-        and four fifths of the work is done before it. With views missing at ``finalize`` all
-        iterations run then, on the views there are.
+        (default): every iteration after the last view. With 8 and 2 of 5 iterations (the
+        shipped model's prior) the result is as accurate as five iterations after the last view
+        (docs/reconstruction.md) and three fifths of the work is done before it. With views
+        missing at ``finalize`` all iterations run then, on the views there are.
     late_iterations: see ``late_views`` (1 to ``constraint_iterations``).
     index_bounds: (low, high) bounds on every principal index, enforced by projection in the
         constraint step and on the output; only for samples whose index range is known (e.g.
