@@ -154,12 +154,11 @@ class HologramDataset(torch.utils.data.Dataset):
 
 def _keyed_folder(cache_dir, path, key: list) -> Path:
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) / f"{Path(path).stem}-{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return Path(cache_dir) / f"{Path(path).stem}-{digest}"  # made by the first value saved in it
 
 
 def _save_atomically(tensor: torch.Tensor, stored: Path) -> None:
+    stored.parent.mkdir(parents=True, exist_ok=True)
     temporary = stored.with_suffix(f".{os.getpid()}.tmp")
     torch.save(tensor, temporary)
     os.replace(temporary, stored)  # a concurrent reader sees all or nothing

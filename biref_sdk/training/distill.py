@@ -34,8 +34,7 @@ from ..files import Dataset
 from ..network.io import LoadedModel, load_model, save_model
 from ..network.symmetry import quarter_turn_sources, turn_output, turn_prior, turn_views
 from ..reconstruction.model import director_from_q, turn_spread
-from ..reconstruction.prior import formula_prior, formula_reconstructor
-from ..reconstruction.prior import with_prior_options
+from ..reconstruction.prior import formula_prior, formula_reconstructor, with_prior_options
 from .data import HologramDataset, training_targets
 from .loop import learning_rate, losses, TrainConfig
 
@@ -130,6 +129,8 @@ class _Items:
                     truth = dataset.truth(index)
                     targets = training_targets(truth.ne, truth.no, truth.director)
                     self.truths.append({k: v.half() if k == "q" else v for k, v in targets.items()})
+            if priors is not None:
+                priors.file.close()
         self.config = config
 
     def __len__(self) -> int:
