@@ -115,3 +115,37 @@ def test_a_student_may_read_a_prior_with_other_formula_options(teacher_and_data,
     assert float((prior - cold).abs().max()) > 1e-2  # another prior than the teacher's
     volume = ModelReconstructor(student, engine="torch").reconstruct(acquisition)
     assert np.all(np.isfinite(volume.ne))
+
+
+def test_the_isotropy_weight_is_checked_and_recorded(teacher_and_data, tmp_path, capsys):
+    folder = teacher_and_data
+    out = tmp_path / "run"
+    common = ["distill", "--teacher", str(folder / "teacher.h5"), "--data", str(folder / "train.h5"),
+              "--val", str(folder / "val.h5"), "--cache-dir", str(folder / "cache"), "--out", str(out),
+              "--epochs", "1", "--uncertainty-epochs", "0", "--threads", "1"]
+    assert biref(common + ["--isotropy-weight", "-1"]) != 0
+    assert "--isotropy-weight must be >= 0" in capsys.readouterr().err
+    assert biref(common + ["--isotropy-weight", "2"]) == 0
+    assert load_model(out / "best.h5").metadata["distill"]["isotropy_weight"] == 2.0
+
+
+def test_an_isotropy_gate_is_added_and_fitted_alone(teacher_and_data, tmp_path, capsys):
+    folder = teacher_and_data
+    common = ["distill", "--teacher", str(folder / "teacher.h5"), "--data", str(folder / "train.h5"),
+              "--val", str(folder / "val.h5"), "--cache-dir", str(folder / "cache"), "--threads", "1",
+              "--uncertainty-epochs", "0"]
+    assert biref(common + ["--out", str(tmp_path / "a"), "--epochs", "1"]) == 0
+    assert biref(common + ["--isotropy-gate-epochs", "-1", "--out", str(tmp_path / "b"), "--epochs", "0",
+                           "--init", str(tmp_path / "a" / "best.h5")]) != 0
+    assert "--isotropy-gate-epochs" in capsys.readouterr().err
+    assert biref(common + ["--isotropy-gate-epochs", "3", "--out", str(tmp_path / "b"), "--epochs", "0",
+                           "--init", str(tmp_path / "a" / "best.h5")]) == 0
+    assert "isotropy gate fitted" in capsys.readouterr().out
+    before, after = load_model(tmp_path / "a" / "best.h5"), load_model(tmp_path / "b" / "best.h5")
+    assert after.config.isotropy_gate and not before.config.isotropy_gate
+    weights = after.network.state_dict()
+    for name, value in before.network.state_dict().items():
+        assert torch.equal(weights[name], value), name  # everything but the gate as it was
+    assert not torch.equal(weights["isotropy.weight"], BirefNet(after.config).state_dict()["isotropy.weight"])
+    fit = after.metadata["isotropy_gate_fit"]
+    assert fit["epochs"] == 3 and len(fit["loss"]) == 3 and all(np.isfinite(fit["loss"]))

@@ -35,18 +35,20 @@ INDEX_ATOL_FP32 = 2e-6  # refractive-index units
 INDEX_ATOL_FP16 = 5e-5  # fp16 graphs (attention, normalisation and output sigmoids fp32)
 
 
-@pytest.fixture(params=["plain", "prior", "one pass with uncertainty head"])
+@pytest.fixture(params=["plain", "prior", "one pass with uncertainty head and isotropy gate"])
 def tiny_model(request, tmp_path):
     """An untrained tiny network (another size and geometry than the shipped one), with and
-    without the formula prior, and as a distilled model is (one pass, uncertainty head), saved as
-    a model file."""
+    without the formula prior, and as the shipped model is (one pass, uncertainty head, isotropy
+    gate), saved as a model file."""
     overrides = {"plain": {}, "prior": dict(prior="formula", normalization="none"),
-                 "one pass with uncertainty head": dict(prior="formula", normalization="none", quarter_turns=False,
-                                                        uncertainty_head=True)}[request.param]
+                 "one pass with uncertainty head and isotropy gate": dict(
+                     prior="formula", normalization="none", quarter_turns=False, uncertainty_head=True,
+                     isotropy_gate=True)}[request.param]
     network = tiny_network(seed=7, **overrides)
-    if network.config.uncertainty_head:  # an untrained head is constant: give it a slope
+    if network.config.uncertainty_head:  # untrained heads are (nearly) constant: give them a slope
         with torch.no_grad():
             network.uncertainty.weight.normal_(0.0, 0.3)
+            network.isotropy.weight.normal_(0.0, 0.3)
     if network.config.prior == "formula":
         network.config = with_prior_options(network.config)
     path = tmp_path / f"tiny-{request.param}.h5"

@@ -128,7 +128,7 @@ def test_a_model_with_the_formula_prior_round_trips_and_its_session_equals_the_w
     path = tmp_path / "prior.h5"
     save_model(path, network, tiny_geometry())
     with h5py.File(path, "r") as handle:
-        assert handle.attrs["format_version"] == 4
+        assert handle.attrs["format_version"] == 5
     loaded = load_model(path)
     assert loaded.config == network.config and loaded.config.prior == "formula"
     geometry = tiny_geometry()
@@ -152,8 +152,8 @@ def test_a_model_with_the_formula_prior_round_trips_and_its_session_equals_the_w
 def test_an_unknown_format_version_is_refused(model_file):
     path = model_file[0]
     with h5py.File(path, "r+") as handle:
-        handle.attrs["format_version"] = 5
-    with pytest.raises(ModelFileError, match="format_version 5, this SDK reads 1, 2, 3, 4"):
+        handle.attrs["format_version"] = 6
+    with pytest.raises(ModelFileError, match="format_version 6, this SDK reads 1, 2, 3, 4, 5"):
         load_model(path)
 
 

@@ -315,3 +315,35 @@ def test_the_shared_director_equals_the_whole_volumes_also_with_a_busy_helper():
         assert torch.equal(director_from_q_shared(q, executor, chunk_voxels=500), expected)
         release.set()
         busy.result()
+
+
+def test_the_isotropy_gate_scales_only_the_birefringence_by_the_networks_own_order():
+    """The gate leaves n_o and Q as they are and multiplies n_e - n_o by a factor in (0, 1): at its
+    start sigmoid(20 max<|Q|> - 3), max<|Q|> the largest mean of the norm of the network's Q over
+    5^3 voxels within 9^3 (here by whole 3D box filters, the network's are separable)."""
+    import torch.nn.functional as F
+
+    plain = tiny_network(seed=3, prior="formula", normalization="none", uncertainty_head=True)
+    with torch.no_grad():  # an order between an isotropic particle's and a liquid crystal's
+        plain.head.weight[2:] *= 0.01
+        plain.head.bias[2:] *= 0.01
+    gated = BirefNet(plain.config.replace(isotropy_gate=True)).eval()
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["isotropy.bias", "isotropy.weight"]
+    config = plain.config
+    torch.manual_seed(1)
+    features = torch.randn(1, config.decoder_channels[-1], *config.decoded_shape)
+    prior = torch.randn(1, config.prior_channels, *config.volume_shape)
+    with torch.no_grad():
+        ne, no, q, spread = plain.readout(features, prior)
+        gated_ne, gated_no, gated_q, gated_spread = gated.readout(features, prior)
+    assert torch.equal(gated_no, no) and torch.equal(gated_q, q) and torch.equal(gated_spread, spread)
+    local = F.avg_pool3d(torch.linalg.vector_norm(q, dim=1, keepdim=True), 5, stride=1, padding=2,
+                         count_include_pad=False)
+    around = F.max_pool3d(local, 9, stride=1, padding=4)[:, 0]
+    expected = no + (ne - no) * torch.sigmoid(20 * around - 3)
+    torch.testing.assert_close(gated_ne, expected, atol=1e-6, rtol=0)
+    assert torch.all(gated_ne >= gated_no) and torch.all(gated_ne <= ne)
+    birefringent = (ne - no) > 1e-4
+    gate = (gated_ne - no)[birefringent] / (ne - no)[birefringent]
+    assert 0.1 < float(gate.min()) and float(gate.max()) < 0.5  # a low order: most of n_e - n_o removed

@@ -175,6 +175,31 @@ def test_birefringent_q_loss_averages_over_voxels_with_a_director_only():
         losses(outputs, batch, config, 1.0, "everywhere")
 
 
+def test_isotropy_loss_weighs_the_birefringence_reported_where_the_truth_is_isotropic():
+    from biref_sdk.network.config import NetworkConfig
+    from biref_sdk.training.loop import losses
+
+    config = NetworkConfig(n_views=4, hologram_shape=(32, 32), volume_shape=(2, 4, 4), window_length=2)
+    span = config.index_max - config.index_min
+    truth = {"ne": torch.full((1, 2, 4, 4), 1.55), "no": torch.full((1, 2, 4, 4), 1.55), "q": torch.zeros(1, 5, 2, 4, 4)}
+    truth["ne"][0, 0] = 1.56  # the first slice birefringent (16 of 32 voxels), the second an isotropic particle
+    truth["ne"][0, 1, 0], truth["no"][0, 1, 0] = config.index_min, config.index_min  # but for 4 voxels of medium
+    q = torch.zeros(1, 5, 2, 4, 4)
+    # both indices off by the same amount: no false birefringence, nothing added
+    shifted = (truth["ne"] + 0.003, truth["no"] + 0.003, q)
+    plain = losses(shifted, truth, config, 1.0)
+    weighted = losses(shifted, truth, config, 1.0, isotropy_weight=5.0)
+    assert float(weighted["false_birefringence"]) == 0.0
+    assert float(weighted["total"]) == pytest.approx(float(plain["total"]))
+    # n_e up by 0.004 everywhere: false birefringence in the particle's 12 voxels only
+    raised = (truth["ne"] + 0.004, truth["no"], q)
+    weighted = losses(raised, truth, config, 1.0, isotropy_weight=5.0)
+    assert float(weighted["false_birefringence"]) == pytest.approx(12 / 32 * (0.004 / span) ** 2, rel=1e-3)
+    assert float(weighted["total"]) == pytest.approx((0.004 / span) ** 2 * (1 + 5.0 * 12 / 32), rel=1e-3)
+    assert "false_birefringence" not in losses(raised, truth, config, 1.0)
+
+
+
 def test_init_with_the_formula_prior_starts_from_the_initial_models_answers(tiny_data, tmp_path):
     from biref_sdk.training import TrainConfig, train as train_fn
     from biref_sdk.training.data import HologramDataset

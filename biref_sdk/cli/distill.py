@@ -28,6 +28,12 @@ def register(subparsers) -> None:
                    help="weight of the loss to the teacher's mean next to the loss to the truth (default 1)")
     p.add_argument("--q-weight", type=float,
                    help="weight of the Q-tensor (director) loss (default: the teacher's training recipe's)")
+    p.add_argument("--isotropy-weight", type=float, default=0.0,
+                   help="weight of the birefringence (n_e - n_o) reported where the truth is isotropic, its mean "
+                        "square next to the index MSEs (default 0; see the model card's stage 8)")
+    p.add_argument("--isotropy-gate-epochs", type=int, default=0, metavar="N",
+                   help="then fit the isotropy gate alone for N epochs, adding one if the student has none: it "
+                        "scales n_e - n_o by the network's own order parameter (default 0: none)")
     p.add_argument("--uncertainty-epochs", type=int, default=3,
                    help="epochs of the uncertainty head's fit to the teacher's quarter-turn spread, after "
                         "the decoder's (default 3; 0: leave it untrained)")
@@ -71,17 +77,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out or not args.val:
         raise ValueError("--out and at least one --val are needed to train")
-    if args.epochs < 0 or args.uncertainty_epochs < 0 or args.batch_size < 1 or args.lr <= 0:
-        raise ValueError("--epochs and --uncertainty-epochs must be >= 0, --batch-size >= 1 and --lr positive")
+    if (min(args.epochs, args.uncertainty_epochs, args.isotropy_gate_epochs, args.isotropy_weight) < 0
+            or args.batch_size < 1 or args.lr <= 0):
+        raise ValueError("--epochs, --uncertainty-epochs, --isotropy-gate-epochs and --isotropy-weight must be "
+                         ">= 0, --batch-size >= 1 and --lr positive")
     if args.epochs == 0 and not args.init:
         raise ValueError("--epochs 0 needs --init STUDENT.h5")
     history = distill(teacher, args.data, args.val, args.out, args.cache_dir, epochs=args.epochs, lr=args.lr,
                       batch_size=args.batch_size, teacher_weight=args.teacher_weight, seed=args.seed,
                       init=args.init, uncertainty_epochs=args.uncertainty_epochs, q_weight=args.q_weight,
-                      prior_options=_prior_options(args.prior_option), log=print)
+                      prior_options=_prior_options(args.prior_option),
+                      isotropy_weight=args.isotropy_weight, gate_epochs=args.isotropy_gate_epochs, log=print)
     if history:
         best = max(history, key=lambda h: h["val_score"])
         print(f"done: best epoch {best['epoch']} (mean val PSNR {best['val_score']:.2f} dB); model files in {args.out}")
     else:
-        print(f"done: uncertainty head fitted; {args.out}/best.h5")
+        fitted = [name for name, epochs in (("isotropy gate", args.isotropy_gate_epochs),
+                                            ("uncertainty head", args.uncertainty_epochs)) if epochs]
+        print(f"done: {' and '.join(fitted) or 'nothing'} fitted; {args.out}/best.h5")
     return 0

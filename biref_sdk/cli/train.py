@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--q-weight", type=float, default=0.1, help="weight of the Q-tensor (director) loss")
     p.add_argument("--q-loss", default="volume", choices=("volume", "birefringent"),
                    help="average the Q-tensor MSE over every voxel or only over birefringent ones")
+    p.add_argument("--isotropy-weight", type=float, default=0.0,
+                   help="weight of the birefringence (n_e - n_o) reported where the truth is isotropic, its mean "
+                        "square next to the index MSEs (default 0)")
     p.add_argument("--limit", type=int, help="use only the first N samples of each training file")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{path} was simulated for another geometry than {args.geometry}; make the data "
                                  f"with: biref simulate --geometry {args.geometry} --n N --out FILE")
     config = TrainConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
-                         q_weight=args.q_weight, q_loss=args.q_loss, width=args.width, normalization=args.normalization,
+                         q_weight=args.q_weight, q_loss=args.q_loss,
+                         isotropy_weight=args.isotropy_weight, width=args.width, normalization=args.normalization,
                          window_length=args.window_length,
                          input_mode=args.input_mode, prior=args.prior, cache_dir=args.cache_dir, augment=args.augment,
                          num_workers=args.workers, cache=not args.no_cache,

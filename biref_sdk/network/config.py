@@ -97,6 +97,12 @@ class NetworkConfig:
     # a second 1x1 output layer beside the head that gives the per-voxel uncertainty in one pass
     # (BirefNet.readout's fourth output): a distilled model learns it from the quarter turns' spread
     uncertainty_head: bool = False
+    # a 1x1 gate on the output layer's input and the Q-tensor's norm (the order parameter: its
+    # value, its mean over 5^3 voxels and the largest such mean within 9^3) that scales n_e - n_o
+    # (BirefNet.readout): where the network's own Q says "isotropic" it removes the birefringence
+    # the index outputs alone leave there
+    # (trained_models/MODEL_CARD.md, "Stage 8")
+    isotropy_gate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hologram_shape", tuple(int(v) for v in self.hologram_shape))
@@ -123,9 +129,10 @@ class NetworkConfig:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
-        if not isinstance(self.quarter_turns, bool) or not isinstance(self.uncertainty_head, bool):
-            raise ValueError(f"quarter_turns and uncertainty_head must be true or false, got "
-                             f"{self.quarter_turns!r}, {self.uncertainty_head!r}")
+        flags = (self.quarter_turns, self.uncertainty_head, self.isotropy_gate)
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError(f"quarter_turns, uncertainty_head and isotropy_gate must be true or false, got "
+                             f"{', '.join(map(repr, flags))}")
         if self.prior == "none" and self.prior_options:
             raise ValueError("prior_options are given but prior is 'none'")
         if len(self.encoder_channels) != 5 or len(self.encoder_strides) != 5:

@@ -5,7 +5,7 @@ A model file is HDF5 (no pickle, so loading a file runs no code from it):
 | item | meaning |
 |---|---|
 | attr `kind` | `"model"` |
-| attr `format_version` | 4 (this SDK reads 1 to 4) |
+| attr `format_version` | 5 (this SDK reads 1 to 5) |
 | attr `sdk_version` | the biref_sdk version that wrote it |
 | attr `config` | JSON of :class:`~biref_sdk.network.config.NetworkConfig` |
 | attr `geometry` | JSON of the geometry attributes of docs/formats.md plus `hologram_shape` |
@@ -21,6 +21,8 @@ four quarter turns, or in one pass: a distilled model); format 1 and 2 files rea
 Format 4 adds the `prior_options` keys `late_views` and `late_iterations` (the formula's streaming
 warm start, :class:`~biref_sdk.reconstruction.formula.FormulaOptions`); files without them read
 as `late_views = 0` (every constraint iteration after the last view).
+Format 5 adds the configuration key `isotropy_gate` (a gate that scales n_e − n_o by the
+network's own order parameter, with its weights `isotropy.*`); files without it read as `false`.
 
 Loading recomputes the digest and refuses a file whose digest differs (a corrupt or edited
 file), and refuses an acquisition geometry other than the one the model was trained for.
@@ -44,8 +46,8 @@ from ..geometry import Geometry
 from .config import NetworkConfig
 from .model import BirefNet
 
-MODEL_FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
+MODEL_FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 
 
 # trained_models/ of the source tree (a checkout or an editable install; wheels do not carry it)

@@ -190,6 +190,17 @@ class BirefNet(nn.Module):
             with torch.no_grad():
                 self.uncertainty.weight.zero_()
                 self.uncertainty.bias.fill_(math.log(0.01))
+        if config.isotropy_gate:
+            # inputs: the head's, the order |Q|, its mean over 5^3 voxels and the largest such mean
+            # within 9^3 (a particle's order, not a voxel's: a liquid crystal's |Q| drops at its
+            # defects and surface, an isotropic particle's is low throughout); starts as
+            # sigmoid(20 max<|Q|> - 3): 1 near liquid crystal (|Q| = 0.82 for a perfect director),
+            # 0.27 where the order is 0.1 all around
+            self.isotropy = nn.Conv3d(config.decoder_channels[-1] + prior + 3, 1, 1)
+            with torch.no_grad():
+                self.isotropy.weight.zero_()
+                self.isotropy.weight[0, -1].fill_(20.0)
+                self.isotropy.bias.fill_(-3.0)
 
     # -- stages -----------------------------------------------------------------------------------
     def initial_hidden(self, batch: int, device=None, dtype=None) -> torch.Tensor:
@@ -235,7 +246,10 @@ class BirefNet(nn.Module):
         lo, span = self.config.index_min, self.config.index_max - self.config.index_min
         # n_o in the range, n_e between n_o and the top: n_e >= n_o holds by construction
         no = lo + span * torch.sigmoid(out[:, 1])
-        ne = no + (self.config.index_max - no) * torch.sigmoid(out[:, 0])
+        birefringence = torch.sigmoid(out[:, 0])
+        if self.config.isotropy_gate:
+            birefringence = birefringence * self._isotropy(x, out[:, 2:])
+        ne = no + (self.config.index_max - no) * birefringence
         if not self.config.uncertainty_head:
             return ne, no, out[:, 2:]
         log_spread = self._to_volume(self.uncertainty(x).float()).clamp(-16.0, 2.0)
@@ -243,6 +257,25 @@ class BirefNet(nn.Module):
         # index spreads in index units; the director's angle is at most a right angle
         spread = torch.cat([span * spread[:, :2], spread[:, 2:].clamp(max=math.pi / 2)], dim=1)
         return ne, no, out[:, 2:], spread
+
+    def _isotropy(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The isotropy gate ``[B, Z, Y, X]`` in (0, 1) (``config.isotropy_gate``)."""
+        order = torch.sqrt((q * q).sum(dim=1, keepdim=True) + 1e-12)  # |Q|; sqrt(sum) exports to any opset
+        if tuple(order.shape[2:]) != tuple(x.shape[2:]):
+            order = F.interpolate(order, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+        local = order
+        # box filters one axis at a time (a box's mean and maximum are separable): 15 and 27
+        # operations per voxel instead of 125 and 729
+        for axis in range(3):
+            kernel = tuple(5 if a == axis else 1 for a in range(3))
+            local = F.avg_pool3d(local, kernel, stride=1, padding=tuple(k // 2 for k in kernel),
+                                 count_include_pad=False)
+        around = local
+        for axis in range(3):
+            kernel = tuple(9 if a == axis else 1 for a in range(3))
+            around = F.max_pool3d(around, kernel, stride=1, padding=tuple(k // 2 for k in kernel))
+        inputs = torch.cat([x, order.to(x.dtype), local.to(x.dtype), around.to(x.dtype)], dim=1)
+        return torch.sigmoid(self._to_volume(self.isotropy(inputs).float())[:, 0])
 
     def _to_volume(self, out: torch.Tensor) -> torch.Tensor:
         if tuple(out.shape[2:]) != self.config.volume_shape:

@@ -176,7 +176,7 @@ def _batch(items: list[dict]) -> dict:
 def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 10, lr: float = 1e-4,
             batch_size: int = 4, teacher_weight: float = 1.0, seed: int = 0, init=None,
             uncertainty_epochs: int = 3, q_weight: float | None = None, prior_options: dict | None = None,
-            log=logger.info) -> list[dict]:
+            isotropy_weight: float = 0.0, gate_epochs: int = 0, log=logger.info) -> list[dict]:
     """Train the one-pass student of ``teacher_path`` (see the module) and write it to ``out``.
 
     Each epoch: every sample once, at a random turn; then the student's reconstructions of the
@@ -187,7 +187,10 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     the Q-tensor loss's weight (default: the teacher's training recipe's); the director of the
     teacher's mean is where one pass loses most. ``prior_options``: formula options of the
     student's prior that differ from the teacher's (default: the ``init`` student's, else the
-    teacher's)."""
+    teacher's). ``isotropy_weight``: weight of the false birefringence (``training.loop.losses``),
+    to the truth only: the teacher's term weighs n_e and n_o alone. ``gate_epochs``: then fit the
+    student's isotropy gate alone (``NetworkConfig.isotropy_gate``, added if the student has
+    none; :func:`fit_isotropy_gate`) for that many epochs."""
     from ..evaluation import evaluate
     from ..reconstruction.model import ModelReconstructor
 
@@ -198,22 +201,23 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     teacher = load_model(teacher_path)
     folders = prepare(teacher_path, data_paths, cache_dir)
     initial = load_model(init) if init is not None else None
-    student = _student(teacher, initial, prior_options)
+    student = _student(teacher, initial, prior_options, isotropy_gate=gate_epochs > 0)
     config = student.config
     items = _Items(data_paths, folders, teacher.config, config, cache_dir)
     train_config = TrainConfig(**{k: v for k, v in teacher.metadata.get("train_config", {}).items()
                                   if k in TrainConfig.__dataclass_fields__})
     schedule = TrainConfig(epochs=epochs, learning_rate=lr, schedule="cosine")
     q_weight = train_config.q_weight if q_weight is None else q_weight
-    parameters = [p for name, p in student.named_parameters()  # the head is fitted afterwards, alone
-                  if p.requires_grad and not name.startswith("uncertainty.")]
+    parameters = [p for name, p in student.named_parameters()  # the heads are fitted afterwards, alone
+                  if p.requires_grad and not name.startswith(("uncertainty.", "isotropy."))]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     history = []
     best, best_state = -math.inf, None
     metadata = {"distilled_from": teacher.sha256, "teacher_file": str(teacher_path),
                 "distill": {"data": [str(p) for p in data_paths], "epochs": epochs, "lr": lr, "init": str(init),
                             "batch_size": batch_size, "teacher_weight": teacher_weight, "seed": seed,
-                            "q_weight": q_weight, "prior_options": prior_options},
+                            "q_weight": q_weight, "prior_options": prior_options,
+                            "isotropy_weight": isotropy_weight, "gate_epochs": gate_epochs},
                 "train_config": teacher.metadata.get("train_config")}
     if initial is not None:
         metadata.update({k: v for k, v in initial.metadata.items() if k in ("epoch", "val")})
@@ -228,7 +232,8 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
         for first in range(0, len(order), batch_size):
             batch = _batch([items.item(i, random.randrange(TURNS)) for i in order[first:first + batch_size]])
             outputs = student.finalize(batch["states"], batch["prior"])
-            to_truth = losses(outputs, batch["truth"], config, q_weight, train_config.q_loss)["total"]
+            to_truth = losses(outputs, batch["truth"], config, q_weight, train_config.q_loss,
+                              isotropy_weight)["total"]
             to_teacher = losses(outputs, batch["teacher"], config, q_weight, "volume")["total"]
             loss = to_truth + teacher_weight * to_teacher
             optimizer.zero_grad(set_to_none=True)
@@ -255,10 +260,19 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
             save_model(out / "best.h5", student, teacher.geometry, metadata)
         (out / "history.json").write_text(json.dumps(history, indent=2))
         log(f"epoch {epoch}: loss to truth {record['loss_truth']:.4g}, to teacher {record['loss_teacher']:.4g} "
-            f"({seconds:.0f} s); val " + ", ".join(f"{k} {v['psnr_ne']:.2f}/{v['psnr_no']:.2f} dB, "
-                                                   f"{v['director_error_deg']:.2f} deg" for k, v in val.items()))
+            f"({seconds:.0f} s); val " + ", ".join(_scores(name, v) for name, v in val.items()))
     if best_state is not None:
         student.load_state_dict(best_state)
+    if gate_epochs:
+        losses_per_epoch = fit_isotropy_gate(student, items, gate_epochs, batch_size=batch_size,
+                                             isotropy_weight=isotropy_weight, log=log)
+        student.eval()
+        model = LoadedModel(network=student, config=config, geometry=teacher.geometry, metadata={},
+                            sha256="student-gated", path=None)
+        reconstructor = ModelReconstructor(model, engine="torch", quarter_turns=False)
+        val = {Path(p).stem: evaluate(p, {"student": reconstructor})["student"] for p in val_paths}
+        metadata.update(val=val, isotropy_gate_fit={"epochs": gate_epochs, "loss": losses_per_epoch})
+        log("with the isotropy gate: val " + ", ".join(_scores(name, v) for name, v in val.items()))
     if uncertainty_epochs:
         errors = fit_uncertainty(student, items, uncertainty_epochs, batch_size=batch_size, log=log)
         metadata["uncertainty_fit"] = {"epochs": uncertainty_epochs, "mean_squared_log_error": errors}
@@ -267,15 +281,26 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     return history
 
 
-def _student(teacher: LoadedModel, init: LoadedModel | None = None, prior_options: dict | None = None):
+def _scores(name: str, val: dict) -> str:
+    """One validation set's line: PSNR n_e/n_o, director, the isotropic cores' birefringence if any."""
+    line = f"{name} {val['psnr_ne']:.2f}/{val['psnr_no']:.2f} dB, {val['director_error_deg']:.2f} deg"
+    core = val.get("isotropic_core_birefringence")
+    return line if core is None or not math.isfinite(core) else f"{line}, isotropic cores {core:.4f}"
+
+
+def _student(teacher: LoadedModel, init: LoadedModel | None = None, prior_options: dict | None = None,
+             isotropy_gate: bool = False):
     """The student network: the teacher's, one pass by default, with an uncertainty head (its
     weights from ``init``, a loaded student of this teacher, where given; else the teacher's and a
-    new head), its prior's formula options ``prior_options`` over the init's (else the teacher's)."""
+    new head), its prior's formula options ``prior_options`` over the init's (else the teacher's),
+    with an isotropy gate if ``isotropy_gate`` or the init has one (a new one starts as
+    ``BirefNet`` makes it)."""
     from ..network.model import BirefNet
 
     if init is not None and init.metadata.get("distilled_from") != teacher.sha256:
         raise ValueError(f"{init.path} was not distilled from this teacher")
-    config = teacher.config.replace(quarter_turns=False, uncertainty_head=True)
+    config = teacher.config.replace(quarter_turns=False, uncertainty_head=True,
+                                    isotropy_gate=isotropy_gate or (init is not None and init.config.isotropy_gate))
     if init is not None:
         config = config.replace(prior_options=init.config.prior_options)
     if prior_options:
@@ -283,11 +308,44 @@ def _student(teacher: LoadedModel, init: LoadedModel | None = None, prior_option
     student = BirefNet(config)
     source = (init or teacher).network
     missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("uncertainty.") for name in missing):
+    if unexpected or any(not name.startswith(("uncertainty.", "isotropy.")) for name in missing):
         raise ValueError(f"{(init or teacher).path} does not fit the student: {sorted(missing + unexpected)[:5]}")
     for module in (student.encoder, student.gru):
         module.requires_grad_(False)
     return student
+
+
+def fit_isotropy_gate(student, items: "_Items", epochs: int = 3, lr: float = 1e-2, batch_size: int = 4,
+                      isotropy_weight: float = 0.0, log=logger.info) -> list[float]:
+    """Train the student's isotropy gate alone (everything else frozen) to the truth: the index
+    MSEs (the gate moves n_e alone) plus ``isotropy_weight`` times the false birefringence
+    (``training.loop.losses``); returns the mean loss per epoch."""
+    frozen = [p for name, p in student.named_parameters() if p.requires_grad and not name.startswith("isotropy.")]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(student.isotropy.parameters(), lr=lr)
+    totals = []
+    try:
+        for epoch in range(1, epochs + 1):
+            order = list(range(len(items)))
+            random.shuffle(order)
+            total = 0.0
+            for first in range(0, len(order), batch_size):
+                batch = _batch([items.item(i, random.randrange(TURNS)) for i in order[first:first + batch_size]])
+                with torch.no_grad():
+                    features = student.decode(batch["states"])
+                outputs = student.readout(features, batch["prior"])
+                loss = losses(outputs, batch["truth"], student.config, 0.0, isotropy_weight=isotropy_weight)["total"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch["states"])
+            totals.append(total / len(items))
+            log(f"isotropy gate, epoch {epoch}: loss to truth {totals[-1]:.4g}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return totals
 
 
 # the uncertainty head regresses the log of the teacher's spread; spreads below this floor (index

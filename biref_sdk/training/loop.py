@@ -33,7 +33,7 @@ from ..network.io import check_geometry, save_model
 from ..network.model import BirefNet
 from ..reconstruction.prior import with_prior_options
 from ..files import Dataset
-from .data import HologramDataset
+from .data import ISOTROPIC_BIREFRINGENCE, HologramDataset
 
 CHECKPOINT_VERSION = 1
 
@@ -53,6 +53,11 @@ class TrainConfig:
     # where the Q-tensor MSE is averaged: "volume" (every voxel) or "birefringent" (only voxels
     # with a director; in a mostly isotropic volume the former is small even for Q = 0 everywhere)
     q_loss: str = "volume"
+    # weight of the birefringence n_e - n_o the network reports in isotropic particles (its
+    # square in units of the output range, averaged over the volume): the index MSEs alone leave a
+    # false birefringence of ~0.003 in isotropic particles, where the network's Q-tensor already
+    # says "isotropic" (trained_models/MODEL_CARD.md, "Stage 8")
+    isotropy_weight: float = 0.0
     width: str = "small"
     # "batch" (the paper) or "none" (NetworkConfig.normalization)
     normalization: str = "batch"
@@ -82,7 +87,12 @@ def normalised_mse(prediction: torch.Tensor, truth: torch.Tensor, config: Networ
     return torch.mean(((prediction.float() - truth) / span) ** 2)
 
 
-def losses(outputs, batch, config: NetworkConfig, q_weight: float, q_loss: str = "volume") -> dict[str, torch.Tensor]:
+# an isotropic voxel this far above the range's bottom (the medium) is inside a particle
+PARTICLE_CONTRAST = 1e-4
+
+
+def losses(outputs, batch, config: NetworkConfig, q_weight: float, q_loss: str = "volume",
+           isotropy_weight: float = 0.0) -> dict[str, torch.Tensor]:
     ne, no, q = outputs[:3]  # a fourth, the uncertainty head's, is trained by distillation only
     q_error = (q.float() - batch["q"]) ** 2
     if q_loss == "volume":
@@ -96,6 +106,14 @@ def losses(outputs, batch, config: NetworkConfig, q_weight: float, q_loss: str =
     result = {"ne": normalised_mse(ne, batch["ne"], config), "no": normalised_mse(no, batch["no"], config),
               "q": q_mse}
     result["total"] = result["ne"] + result["no"] + q_weight * result["q"]
+    if isotropy_weight:
+        # isotropic particles: not the medium (the range's bottom), where the decoder's blur of a
+        # droplet's surface is already weighed by the index MSEs
+        isotropic = (((batch["ne"] - batch["no"]) <= ISOTROPIC_BIREFRINGENCE)
+                     & (batch["no"] > config.index_min + PARTICLE_CONTRAST)).to(ne.dtype)
+        span = config.index_max - config.index_min
+        result["false_birefringence"] = torch.mean((isotropic * (ne.float() - no.float()) / span) ** 2)
+        result["total"] = result["total"] + isotropy_weight * result["false_birefringence"]
     return result
 
 
@@ -226,7 +244,8 @@ def _set_rng_state(state: dict) -> None:
 # -- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(network: BirefNet, dataset: HologramDataset, device: torch.device, dist_info: _Distributed,
-             q_weight: float, progress: bool = False, q_loss: str = "volume") -> dict[str, float]:
+             q_weight: float, progress: bool = False, q_loss: str = "volume", isotropy_weight: float = 0.0
+             ) -> dict[str, float]:
     """Mean losses and the paper's PSNR/SSIM (biref_sdk.metrics) of n_e and n_o over ``dataset``.
 
     Each process evaluates samples ``rank, rank + world_size, ...``; sums are all-reduced, so
@@ -245,7 +264,7 @@ def validate(network: BirefNet, dataset: HologramDataset, device: torch.device, 
         item = dataset[index]
         batch = {k: v[None].to(device) for k, v in item.items()}
         outputs = network(batch["windows"], batch.get("prior"))
-        loss = losses(outputs, batch, config, q_weight, q_loss)
+        loss = losses(outputs, batch, config, q_weight, q_loss, isotropy_weight)
         ne, no = (o[0].float().cpu().numpy() for o in outputs[:2])
         values = [loss["ne"].item(), loss["no"].item(), loss["q"].item(), loss["total"].item(),
                   metrics.psnr(ne, item["ne"].numpy()), metrics.psnr(no, item["no"].numpy()),
@@ -333,6 +352,8 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
     learning_rate(config, 1)  # validates the schedule before any work
     if config.q_loss not in ("volume", "birefringent"):
         raise ValueError(f"unknown q_loss {config.q_loss!r}: volume or birefringent")
+    if not config.isotropy_weight >= 0:
+        raise ValueError(f"isotropy_weight must be >= 0, got {config.isotropy_weight}")
     if config.augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {config.augment!r}: one of {AUGMENTATIONS}")
     data_files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
@@ -437,7 +458,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
             with autocast:
                 outputs = model(batch["windows"], batch.get("prior"))
-            loss = losses(outputs, batch, net_config, config.q_weight, config.q_loss)
+            loss = losses(outputs, batch, net_config, config.q_weight, config.q_loss, config.isotropy_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss["total"]).backward()
             scaler.step(optimizer)
@@ -450,7 +471,7 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         train_metrics = {name: totals[i].item() / max(totals[-1].item(), 1.0)
                          for i, name in enumerate(("loss_ne", "loss_no", "loss_q", "loss"))}
         val_metrics = validate(network, val_set, device, dist_info, config.q_weight, progress=progress,
-                               q_loss=config.q_loss)
+                               q_loss=config.q_loss, isotropy_weight=config.isotropy_weight)
         record = {"epoch": epoch, "train": train_metrics, "val": val_metrics, "lr": learning_rate(config, epoch),
                   "seconds": time.perf_counter() - started, "world_size": dist_info.world_size}
         history.append(record)
