@@ -106,6 +106,15 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_data, tmp_path, capsy
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_train_checks_and_records_the_isotropy_weight(tiny_data, tmp_path, capsys):
+    train, val = tiny_data
+    common = ["train", "--data", str(train), "--val", str(val), "--epochs", "1", *TRAIN_ARGS]
+    assert biref(common + ["--out", str(tmp_path / "bad"), "--isotropy-weight", "-1"]) == 1
+    assert "isotropy_weight must be >= 0" in capsys.readouterr().err
+    assert biref(common + ["--out", str(tmp_path / "run"), "--isotropy-weight", "3"]) == 0
+    assert load_model(tmp_path / "run" / "best.h5").metadata["train_config"]["isotropy_weight"] == 3.0
+
+
 def test_init_starts_from_a_model_file_and_records_it(tiny_data, tmp_path):
     train, val = tiny_data
     common = ["--data", str(train), "--val", str(val), "--lr", "1e-3", *TRAIN_ARGS]
