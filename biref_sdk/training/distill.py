@@ -315,37 +315,55 @@ def _student(teacher: LoadedModel, init: LoadedModel | None = None, prior_option
     return student
 
 
-def fit_isotropy_gate(student, items: "_Items", epochs: int = 3, lr: float = 1e-2, batch_size: int = 4,
-                      isotropy_weight: float = 0.0, log=logger.info) -> list[float]:
-    """Train the student's isotropy gate alone (everything else frozen) to the truth: the index
-    MSEs (the gate moves n_e alone) plus ``isotropy_weight`` times the false birefringence
-    (``training.loop.losses``); returns the mean loss per epoch."""
-    frozen = [p for name, p in student.named_parameters() if p.requires_grad and not name.startswith("isotropy.")]
+def _fit_alone(student, name: str, items: "_Items", epochs: int, lr: float, batch_size: int, batch_loss,
+               describe: str, log) -> list[float]:
+    """Train ``student.<name>`` alone (everything else frozen): each epoch every sample once, at a
+    random turn; ``batch_loss(chosen)`` is the loss of a batch of ``(sample, turn)`` pairs.
+    Returns the mean loss per epoch, each logged as ``describe`` formatted with epoch and loss."""
+    frozen = [p for key, p in student.named_parameters() if p.requires_grad and not key.startswith(name + ".")]
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam(student.isotropy.parameters(), lr=lr)
-    totals = []
+    optimizer = torch.optim.Adam(getattr(student, name).parameters(), lr=lr)
+    means = []
     try:
         for epoch in range(1, epochs + 1):
             order = list(range(len(items)))
             random.shuffle(order)
             total = 0.0
             for first in range(0, len(order), batch_size):
-                batch = _batch([items.item(i, random.randrange(TURNS)) for i in order[first:first + batch_size]])
-                with torch.no_grad():
-                    features = student.decode(batch["states"])
-                outputs = student.readout(features, batch["prior"])
-                loss = losses(outputs, batch["truth"], student.config, 0.0, isotropy_weight=isotropy_weight)["total"]
+                chosen = [(i, random.randrange(TURNS)) for i in order[first:first + batch_size]]
+                loss = batch_loss(chosen)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(batch["states"])
-            totals.append(total / len(items))
-            log(f"isotropy gate, epoch {epoch}: loss to truth {totals[-1]:.4g}")
+                total += loss.item() * len(chosen)
+            means.append(total / len(items))
+            log(describe.format(epoch=epoch, loss=means[-1]))
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return totals
+    return means
+
+
+def _readout(student, batch: dict):
+    """The student's answer to a batch, the decoder frozen (no graph kept for it)."""
+    with torch.no_grad():
+        features = student.decode(batch["states"])
+    return student.readout(features, batch["prior"])
+
+
+def fit_isotropy_gate(student, items: "_Items", epochs: int = 3, lr: float = 1e-2, batch_size: int = 4,
+                      isotropy_weight: float = 0.0, log=logger.info) -> list[float]:
+    """Train the student's isotropy gate alone (everything else frozen) to the truth: the index
+    MSEs (the gate moves n_e alone) plus ``isotropy_weight`` times the false birefringence
+    (``training.loop.losses``); returns the mean loss per epoch."""
+    def batch_loss(chosen):
+        batch = _batch([items.item(i, turn) for i, turn in chosen])
+        return losses(_readout(student, batch), batch["truth"], student.config, 0.0,
+                      isotropy_weight=isotropy_weight)["total"]
+
+    return _fit_alone(student, "isotropy", items, epochs, lr, batch_size, batch_loss,
+                      "isotropy gate, epoch {epoch}: loss to truth {loss:.4g}", log)
 
 
 # the uncertainty head regresses the log of the teacher's spread; spreads below this floor (index
@@ -357,33 +375,14 @@ def fit_uncertainty(student, items: "_Items", epochs: int = 3, lr: float = 1e-3,
                     log=logger.info) -> list[float]:
     """Train the student's uncertainty head alone (everything else frozen) to give the log of the
     teacher's quarter-turn spread; returns the mean squared log error per epoch."""
-    frozen = [p for name, p in student.named_parameters() if p.requires_grad and not name.startswith("uncertainty.")]
-    for p in frozen:
-        p.requires_grad_(False)
-    optimizer = torch.optim.Adam(student.uncertainty.parameters(), lr=lr)
     c = student.config
     scale = torch.tensor([c.index_max - c.index_min, c.index_max - c.index_min, 1.0])[None, :, None, None, None]
-    errors = []
-    try:
-        for epoch in range(1, epochs + 1):
-            order = list(range(len(items)))
-            random.shuffle(order)
-            total = 0.0
-            for first in range(0, len(order), batch_size):
-                chosen = [(i, random.randrange(TURNS)) for i in order[first:first + batch_size]]
-                batch = _batch([items.inputs(i, t) for i, t in chosen])
-                target = torch.stack([items.spread(i, t) for i, t in chosen]).clamp_min(SPREAD_FLOOR).log()
-                with torch.no_grad():
-                    features = student.decode(batch["states"])
-                predicted = student.readout(features, batch["prior"])[3]
-                loss = torch.mean(((predicted / scale).log() - target) ** 2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(chosen)
-            errors.append(total / len(items))
-            log(f"uncertainty head, epoch {epoch}: mean squared log error {errors[-1]:.3f}")
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return errors
+
+    def batch_loss(chosen):
+        batch = _batch([items.inputs(i, turn) for i, turn in chosen])
+        target = torch.stack([items.spread(i, turn) for i, turn in chosen]).clamp_min(SPREAD_FLOOR).log()
+        predicted = _readout(student, batch)[3]
+        return torch.mean(((predicted / scale).log() - target) ** 2)
+
+    return _fit_alone(student, "uncertainty", items, epochs, lr, batch_size, batch_loss,
+                      "uncertainty head, epoch {epoch}: mean squared log error {loss:.3f}", log)
