@@ -2,8 +2,8 @@
 in the shell around their surfaces and in the medium, and how far each particle core's mean n_e
 (per sample) is off. A shell-dominated error needs sharper surfaces; a core offset needs better index levels.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/error_split.py DATA.h5 [--model trained_models/biref_small.h5] \\
-        [--shell-voxels 2] [--out benchmarks/results/error_split.json]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/error_split.py DATA.h5 [--method model|formula] \\
+        [--model trained_models/biref_small.h5] [--shell-voxels 2] [--out benchmarks/results/error_split.json]
 
 Cores: voxels inside a particle (truth above the medium's index) more than ``--shell-voxels``
 (6-neighbourhood) from its surface; shell: within that many voxels of it, on either side;
@@ -42,6 +42,7 @@ def split(truth_ne: np.ndarray, estimate_ne: np.ndarray, medium_index: float, sh
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
+    parser.add_argument("--method", default="model", choices=("model", "formula"))
     parser.add_argument("--model", default=str(ROOT / "trained_models" / "biref_small.h5"))
     parser.add_argument("--shell-voxels", type=int, default=2)
     parser.add_argument("--out", type=Path)
@@ -51,7 +52,8 @@ def main() -> int:
     from biref_sdk.reconstruction import get_reconstructor
 
     load_before = os.getloadavg()
-    reconstructor = get_reconstructor("model", model=args.model)
+    reconstructor = (get_reconstructor("model", model=args.model) if args.method == "model"
+                     else get_reconstructor("formula"))
     samples = []
     with Dataset(args.data) as dataset:
         for index in range(len(dataset)):
@@ -65,11 +67,12 @@ def main() -> int:
     summary = {part: sum(s[part] for s in samples) / total for part in ("core", "shell", "medium")}
     summary.update(core_offset_mean=float(offsets.mean()), core_offset_rms=float(np.sqrt(np.mean(offsets ** 2))),
                    n_samples=len(samples))
-    print(f"{Path(args.data).name}, {len(samples)} samples: share of the squared n_e error in cores "
+    print(f"{Path(args.data).name}, {args.method}, {len(samples)} samples: share of the squared n_e error in cores "
           f"{summary['core']:.2f}, shell {summary['shell']:.2f}, medium {summary['medium']:.2f}; core mean "
           f"n_e offset {summary['core_offset_mean']:+.5f} (RMS over samples {summary['core_offset_rms']:.5f})")
     if args.out:
-        args.out.write_text(json.dumps({"data": str(args.data), "model": args.model, "shell_voxels": args.shell_voxels,
+        args.out.write_text(json.dumps({"data": str(args.data), "method": args.method,
+                                        "model": args.model if args.method == "model" else None, "shell_voxels": args.shell_voxels,
                                         "summary": summary, "samples": samples,
                                         "machine": machine(load_before), "code": code_version()}, indent=2))
     return 0
