@@ -161,10 +161,14 @@ class FourierPlan:
     def normal_inverse(self, views=None) -> torch.Tensor:
         """(A^T W A + R)^-1 per compact voxel, float32 [n_voxels, 6, 6], for the given views (all by
         default; cached for the last few view sets: a warm start's is the same every acquisition)."""
+        return self._normal_inverse(views)
+
+    def _normal_inverse(self, views, normal: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`normal_inverse`, from ``normal_matrices(views)`` when the caller has them."""
         key = ("inverse", _views_key(views))
         cached = self._cache.get(key)
         if cached is None:
-            normal = self.normal_matrices(views) + torch.as_tensor(self._regularizer)
+            normal = (self.normal_matrices(views) if normal is None else normal) + torch.as_tensor(self._regularizer)
             # a voxel with no data and a zero regularizer has a singular system: its solution is zero
             empty = normal.abs().amax(dim=(1, 2)) == 0
             normal[empty] = torch.eye(6, dtype=torch.float64)
@@ -181,9 +185,9 @@ class FourierPlan:
         cached = self._cache.get(key)
         if cached is None:
             keep = self.half_compact
-            normal = self.normal_matrices(views)[keep.cpu()]
-            inverse = self.normal_inverse(views)[keep].to(torch.float64)
-            contraction = torch.eye(6, dtype=torch.float64) - inverse.cpu() @ normal
+            normal = self.normal_matrices(views)  # summed over the views once, for both matrices
+            inverse = self._normal_inverse(views, normal)[keep].to(torch.float64)
+            contraction = torch.eye(6, dtype=torch.float64) - inverse.cpu() @ normal[keep.cpu()]
             cached = self._remember(key, (inverse.to(torch.complex64).to(self.device),
                                           contraction.to(torch.float32).to(self.device)))
         return cached

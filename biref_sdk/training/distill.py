@@ -191,9 +191,6 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     to the truth only: the teacher's term weighs n_e and n_o alone. ``gate_epochs``: then fit the
     student's isotropy gate alone (``NetworkConfig.isotropy_gate``, added if the student has
     none; :func:`fit_isotropy_gate`) for that many epochs."""
-    from ..evaluation import evaluate
-    from ..reconstruction.model import ModelReconstructor
-
     random.seed(seed)
     torch.manual_seed(seed)
     out = Path(out)
@@ -243,11 +240,7 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
             sums["truth"] += to_truth.item() * n
             sums["teacher"] += to_teacher.item() * n
         seconds = time.perf_counter() - start
-        student.eval()
-        model = LoadedModel(network=student, config=config, geometry=teacher.geometry, metadata={},
-                            sha256=f"student-epoch-{epoch}", path=None)
-        reconstructor = ModelReconstructor(model, engine="torch", quarter_turns=False)
-        val = {Path(p).stem: evaluate(p, {"student": reconstructor})["student"] for p in val_paths}
+        val = _validate(student, teacher.geometry, val_paths, f"student-epoch-{epoch}")
         score = float(np.mean([(v["psnr_ne"] + v["psnr_no"]) / 2 for v in val.values()]))
         record = {"epoch": epoch, "lr": learning_rate(schedule, epoch), "seconds": seconds,
                   "loss_truth": sums["truth"] / len(items), "loss_teacher": sums["teacher"] / len(items),
@@ -266,11 +259,7 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     if gate_epochs:
         losses_per_epoch = fit_isotropy_gate(student, items, gate_epochs, batch_size=batch_size,
                                              isotropy_weight=isotropy_weight, log=log)
-        student.eval()
-        model = LoadedModel(network=student, config=config, geometry=teacher.geometry, metadata={},
-                            sha256="student-gated", path=None)
-        reconstructor = ModelReconstructor(model, engine="torch", quarter_turns=False)
-        val = {Path(p).stem: evaluate(p, {"student": reconstructor})["student"] for p in val_paths}
+        val = _validate(student, teacher.geometry, val_paths, "student-gated")
         metadata.update(val=val, isotropy_gate_fit={"epochs": gate_epochs, "loss": losses_per_epoch})
         log("with the isotropy gate: val " + ", ".join(_scores(name, v) for name, v in val.items()))
     if uncertainty_epochs:
@@ -279,6 +268,19 @@ def distill(teacher_path, data_paths, val_paths, out, cache_dir, epochs: int = 1
     student.eval()
     save_model(out / "best.h5", student, teacher.geometry, metadata)
     return history
+
+
+def _validate(student, geometry, val_paths, label: str) -> dict:
+    """The student's one-pass reconstructions of each validation file, scored with the paper's
+    metrics (the streaming path, :class:`ModelReconstructor`): ``{file stem: scores}``."""
+    from ..evaluation import evaluate
+    from ..reconstruction.model import ModelReconstructor
+
+    student.eval()
+    model = LoadedModel(network=student, config=student.config, geometry=geometry, metadata={}, sha256=label,
+                        path=None)
+    reconstructor = ModelReconstructor(model, engine="torch", quarter_turns=False)
+    return {Path(p).stem: evaluate(p, {"student": reconstructor})["student"] for p in val_paths}
 
 
 def _scores(name: str, val: dict) -> str:
