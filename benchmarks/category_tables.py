@@ -41,17 +41,23 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE")
     parser.add_argument("--pattern", default="test_*.h5")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--refine-iterations", type=int, default=0, metavar="N",
+                        help="also each model refined against the measured fields (at most N steps; 0: off)")
     parser.add_argument("--out", help="JSON output file")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from biref_sdk.evaluation import evaluate
     from biref_sdk.reconstruction import get_reconstructor
+    from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
     load_before = os.getloadavg()
     reconstructors = {"formula": get_reconstructor("formula")}
     for spec in args.model:
         name, _, path = spec.partition("=")
         reconstructors[name] = get_reconstructor("model", model=path)
+        if args.refine_iterations:
+            reconstructors[f"{name}+refined"] = PhysicsRefined(reconstructors[name],
+                                                               RefineOptions(max_iterations=args.refine_iterations))
     tables = {}
     for path in sorted(Path(args.data_dir).glob(args.pattern)):
         tables[path.stem] = evaluate(path, reconstructors, limit=args.limit)

@@ -20,8 +20,9 @@ from mie_reference import mie_scattered_fields
 
 def scores(check: ConsistencyCheck, acquisition: Acquisition, volume: Volume) -> Consistency:
     views = check.views
-    return check.score(volume, check.demodulate(acquisition.holograms[:, views]),
-                       check.demodulate(acquisition.background[:, views]))
+    frames, background = acquisition.holograms[:, views], acquisition.background[:, views]
+    return check.score(volume, check.demodulate(frames), check.demodulate(background),
+                       noise_variance=check.frame_noise(frames) + check.frame_noise(background))
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +89,17 @@ def test_on_exact_mie_fields_the_true_sphere_scores_best():
     views = g.replace(illumination_sines=g.sines[check.views])
     illumination = Simulator(views).background_fields().to(torch.complex128)
     scattered = torch.from_numpy(mie_scattered_fields(views, radius_m, index))
-    measured = check.demodulate(intensity(illumination + scattered, views).numpy())
-    background = check.demodulate(intensity(illumination, views).numpy())
+    frames, empty = intensity(illumination + scattered, views).numpy(), intensity(illumination, views).numpy()
+    measured, background = check.demodulate(frames), check.demodulate(empty)
+    noise = check.frame_noise(frames) + check.frame_noise(empty)
 
     def sphere(radius, n):
         return eps6_to_volume(sphere_sample(g, radius, n).eps6, g.voxel_size_m, g.medium_index)
 
-    truth = check.score(sphere(radius_m, index), measured, background)
+    truth = check.score(sphere(radius_m, index), measured, background, noise_variance=noise)
     assert np.nanmax(truth.residual) < 0.02
-    assert check.score(sphere(radius_m, index + 0.004), measured, background).score > 10 * truth.score
-    assert check.score(sphere(0.9 * radius_m, index), measured, background).score > 10 * truth.score
+    for wrong in (sphere(radius_m, index + 0.004), sphere(0.9 * radius_m, index)):
+        assert check.score(wrong, measured, background, noise_variance=noise).score > 10 * truth.score
 
 
 def test_a_checked_reconstruction_carries_the_score_with_views_missing(small_sphere):
@@ -120,7 +122,7 @@ def test_a_checked_reconstruction_carries_the_score_with_views_missing(small_sph
 def test_a_failed_check_keeps_the_volume_and_says_why(small_sphere, monkeypatch, caplog):
     reconstructor = ConsistencyChecked(get_reconstructor("formula"), views=1)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise FloatingPointError("no convergence")
 
     monkeypatch.setattr(reconstructor.check_for(small_sphere.geometry), "score", broken)

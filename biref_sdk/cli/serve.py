@@ -13,7 +13,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
     # the network is the product's main job: the shipped model unless --method formula; the
     # consistency check is opt-in here, as it adds its time to every volume's latency
-    add_method_arguments(p, multiple=False, default="model", consistency_default=0)
+    add_method_arguments(p, multiple=False, default="model", consistency_default=0, refine=False)
 
 
 def make_reconstructor(args: argparse.Namespace):

@@ -183,6 +183,8 @@ class MultiSlice:
             index = self._box_flat[None, :, None].expand(*flat.shape[:3], -1)
             flat.scatter_add_(3, index, added_spectrum.reshape(*flat.shape[:3], -1))
         spectrum.mul_(kernel[:, None])  # broadcast over components; in place saves an allocation per slice
+        if spectrum.requires_grad:  # autograd has no out= variant
+            return torch.fft.ifft2(spectrum)
         return torch.fft.ifft2(spectrum, out=spectrum)
 
     def _screen(self, eps6_slice: torch.Tensor, thickness_m: float) -> torch.Tensor:
@@ -193,7 +195,11 @@ class MultiSlice:
         a, b, c = forms  # u1.eps.u1, u1.eps.u2, u2.eps.u2
         mean = 0.5 * (a + c)
         half_diff = 0.5 * (a - c)
-        rho = torch.sqrt(half_diff**2 + b**2)
+        # rho = 0 in isotropic voxels: the square root's derivative is infinite there, so autograd
+        # (the refinement) gets it through a safe branch; the value is the same
+        rho2 = half_diff**2 + b**2
+        positive = rho2 > 0
+        rho = torch.where(positive, torch.sqrt(torch.where(positive, rho2, 1.0)), 0.0)
         n_plus = torch.sqrt(mean + rho)
         n_minus = torch.sqrt(torch.clamp(mean - rho, min=0.0))
         scale = (self.geometry.k0_per_m * thickness_m / self._s_z)[:, None, None]
@@ -238,9 +244,18 @@ class MultiSlice:
     @torch.no_grad()
     def transmit(self, eps6: torch.Tensor, voxel_size_m=None) -> torch.Tensor:
         """Focal-plane fields complex[2(pol), V, 2(x, y), H, W] of the sample ``eps6`` [6, Z, Y, X]."""
+        return self.transmit_differentiable(torch.as_tensor(eps6, dtype=torch.float32), voxel_size_m)
+
+    def transmit_differentiable(self, eps6: torch.Tensor, voxel_size_m=None,
+                                active: torch.Tensor | None = None) -> torch.Tensor:
+        """``transmit`` with autograd through ``eps6`` (the physics refinement fits volumes with it).
+        ``active`` bool[Z, Y, X] (default: where ``eps6`` differs from the medium): the voxels
+        whose screens are applied; a fit passes every voxel it may change, even where it is the
+        medium now."""
         g = self.geometry
         voxel_size_m = tuple(voxel_size_m or g.voxel_size_m)
-        eps6 = torch.as_tensor(eps6, dtype=torch.float32)
+        if not torch.is_tensor(eps6):
+            eps6 = torch.as_tensor(eps6, dtype=torch.float32)
         if eps6.ndim != 4 or eps6.shape[0] != 6:
             raise ValueError(f"eps6 must be [6, Z, Y, X], got {tuple(eps6.shape)}")
         dz = voxel_size_m[0]
@@ -250,8 +265,14 @@ class MultiSlice:
         H, W = g.hologram_shape
         V = g.n_views
         medium = g.medium_index**2
-        deviation = (embedded[:3] - medium).abs().amax(0) + embedded[3:].abs().amax(0)  # [Z, h, w]
-        active = deviation > 1e-7
+        if active is None:
+            deviation = (embedded[:3] - medium).abs().amax(0) + embedded[3:].abs().amax(0)  # [Z, h, w]
+            active = deviation > 1e-7
+        else:
+            if tuple(active.shape) != tuple(eps6.shape[1:]):
+                raise ValueError(f"active has shape {tuple(active.shape)}, expected {tuple(eps6.shape[1:])}")
+            # onto the camera grid as the tensor was (a camera pixel touching an active voxel is active)
+            active = self._embed(active[None].float(), voxel_size_m)[0][0].to(self.device) > 0
 
         # both inputs of every view, as (u1, u2) envelopes: [2(pol), V, 2, H, W]
         field = self._input[:, :, :, None, None].expand(2, V, 2, H, W).contiguous()
@@ -275,6 +296,8 @@ class MultiSlice:
                     current = position
                     pending = None
                 a1, a2 = field[window].unbind(2)  # [2(pol), V, h', w'] each
+                if torch.is_grad_enabled():  # autograd keeps them; the screen's write below would overwrite them
+                    a1, a2 = a1.clone(), a2.clone()
                 # the 2x2 product written out: ~4x faster than the equivalent einsum on CPU
                 if self.vector:  # from the field incident on the screen
                     correction = self._vector_correction(embedded[:, k, ya:yb, xa:xb], a1, a2, sub_dz,

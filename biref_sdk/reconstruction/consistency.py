@@ -14,9 +14,14 @@ rest of the field would only add noise): 0 for a volume that explains the measur
 that explains none of it (an empty volume).
 
 Noise sets a floor: the residual of the true volume is about ``f = ||noise|| / ||S_m||``, large for
-a weakly scattering sample. The background's own deviation from the fitted illumination measures
-one frame's noise, so ``f = sqrt(2) ||B/(a b) - I|| / ||S_m||`` per view (``noise_floor``: their
-median). The **score** is the median over the checked views of ``sqrt(max(r^2 - f^2, 0))``, the part
+a weakly scattering sample. Camera noise is white, so each frame's spectrum measures it where no
+signal is (:meth:`~biref_sdk.holography.Demodulator.noise_variance`); sample and background frame
+both add theirs, so ``f^2 = (s_M^2 + s_B^2) N_f sum_q 1/|a_q b_pv|^2 / ||S_m||^2`` per view (``s^2``:
+the per-pixel variance of a demodulated component, ``N_f``: the footprint's pixels;
+``noise_floor``: the median of ``f``). An earlier estimate, the background's deviation from the
+fitted illumination, also counted the pupil's cut of illuminations off the FFT grid, which the
+subtraction ``M - B`` removes: for the off-grid geometries of tests/mie_acquisition.py it put
+the floor above the residual and the score at 0. The **score** is the median over the checked views of ``sqrt(max(r^2 - f^2, 0))``, the part
 of the residual that noise does not explain: near 0 when the volume explains the data; large when
 the sample is unlike what the reconstruction knows, or the acquisition is not what its geometry says
 (benchmarks/trust.py measures how well it tells held-out sample types apart).
@@ -102,30 +107,43 @@ class ConsistencyCheck:
         return ((self._illumination.conj() * background).sum(dim=(0, 1, 3, 4))
                 / (self._illumination.abs() ** 2).sum(dim=(0, 1, 3, 4)).clamp_min(1e-30))
 
+    def frame_noise(self, frames) -> torch.Tensor:
+        """The per-pixel noise variance of each demodulated frame [...] of ``frames`` [..., H, W]."""
+        return self.demodulate.noise_variance(frames)
+
+    def scattered_fields(self, measured: torch.Tensor, background: torch.Tensor,
+                         noise_variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The measured scattered fields ``S_m`` of the checked views, complex[2, n, 2, H, W] in units of
+        a unit-amplitude illumination, and the energy of their camera noise over the footprint [2, n]
+        (module docstring). ``noise_variance`` [2, n]: ``frame_noise`` of sample plus background frame."""
+        a = self._reference_amplitudes(background)
+        fitted = a[None, None, :, None, None] * self._illumination
+        b = ((fitted.conj() * background).sum(dim=(2, 3, 4))
+             / (fitted.abs() ** 2).sum(dim=(2, 3, 4)).clamp_min(1e-30))  # [2, n]
+        scale = b[:, :, None] * a[None, None, :]  # [2, n, 2]
+        inverse_gain = (1.0 / scale.abs().pow(2).clamp_min(1e-30)).sum(dim=2)
+        energy = torch.as_tensor(noise_variance, device=inverse_gain.device) * int(self._footprint.sum()) * inverse_gain
+        return (measured - background) / scale[..., None, None], energy
+
+    def footprint_norm(self, field: torch.Tensor) -> torch.Tensor:
+        """The norm of each view's field [2, n, 2, H, W] over the volume's footprint: [2, n]."""
+        return (field.abs().pow(2) * self._footprint).sum(dim=(2, 3, 4)).sqrt()
+
     def score(self, volume: Volume, measured: torch.Tensor, background: torch.Tensor,
-              received: np.ndarray | None = None) -> Consistency:
+              received: np.ndarray | None = None, *, noise_variance: torch.Tensor) -> Consistency:
         """``measured``, ``background``: the demodulated frames of the checked views,
         complex[2(pol), n, 2(x, y), H, W] (``self.demodulate`` of ``[2, n, H, W]`` frames);
-        ``received`` bool[2, n]: which of them arrived (all by default; the others are not scored)."""
+        ``received`` bool[2, n]: which of them arrived (all by default; the others are not scored);
+        ``noise_variance`` [2, n]: ``frame_noise`` of each sample frame plus its background's."""
         from ..samples.tensor import volume_to_eps6
 
         began = time.perf_counter()
-        illumination = self._illumination
-        a = self._reference_amplitudes(background)
-        fitted = a[None, None, :, None, None] * illumination
-        b = ((fitted.conj() * background).sum(dim=(2, 3, 4))
-             / (fitted.abs() ** 2).sum(dim=(2, 3, 4)).clamp_min(1e-30))  # [2, n]
-        scale = b[:, :, None, None, None] * a[None, None, :, None, None]
-        scattered = (measured - background) / scale
-        noise = background / scale - illumination
-        simulated = self._optics.transmit(volume_to_eps6(volume), volume.voxel_size_m) - illumination
-
-        def norm(field: torch.Tensor) -> torch.Tensor:  # [2, n] over the footprint
-            return (field.abs().pow(2) * self._footprint).sum(dim=(2, 3, 4)).sqrt()
-
+        scattered, noise_energy = self.scattered_fields(measured, background, noise_variance)
+        simulated = self._optics.transmit(volume_to_eps6(volume), volume.voxel_size_m) - self._illumination
+        norm = self.footprint_norm
         size = norm(scattered).clamp_min(1e-30)
         residual = (norm(scattered - simulated) / size).double().cpu().numpy()
-        floor = (math.sqrt(2.0) * norm(noise) / size).double().cpu().numpy()
+        floor = (noise_energy.sqrt() / size).double().cpu().numpy()
         if received is not None:
             residual[~received] = floor[~received] = np.nan
         full = np.full((2, self.geometry.n_views), np.nan)
@@ -143,7 +161,9 @@ class CheckedSession(ReconstructionSession):
         self.inner = inner
         self._check = check
         self._slot = {int(v): i for i, v in enumerate(check.views)}
-        self._background = check.demodulate(np.asarray(background)[:, check.views])
+        frames = np.asarray(background)[:, check.views]
+        self._background = check.demodulate(frames)
+        self._noise = check.frame_noise(frames)  # [2, n]: the background's; each sample frame adds its own
         self._measured = torch.zeros_like(self._background)
 
     def _add_view(self, polarization: int, view: int, hologram: np.ndarray) -> None:
@@ -151,6 +171,7 @@ class CheckedSession(ReconstructionSession):
         slot = self._slot.get(view)
         if slot is not None:
             self._measured[polarization, slot] = self._check.demodulate(hologram)
+            self._noise[polarization, slot] += self._check.frame_noise(hologram)
 
     def finalize(self, allow_missing: bool = False) -> Volume:
         volume = self.inner.finalize(allow_missing=allow_missing)
@@ -158,7 +179,8 @@ class CheckedSession(ReconstructionSession):
         if not received.any():
             return volume
         try:
-            volume.consistency = self._check.score(volume, self._measured, self._background, received)
+            volume.consistency = self._check.score(volume, self._measured, self._background, received,
+                                                   noise_variance=self._noise)
         except Exception as error:  # the volume is the result; a failed check must not lose it
             log.warning("consistency check failed: %s: %s", type(error).__name__, error)
             volume.parameters = {**volume.parameters, "consistency_error": f"{type(error).__name__}: {error}"}
