@@ -1,0 +1,155 @@
+"""The physics refinement and what it stands on: the differentiable forward model (against itself
+without autograd and against finite differences), the camera noise measured in a frame's spectrum
+(against the demodulated noise itself), and the fit against exact Mie scattering."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from biref_sdk.files import Volume
+from biref_sdk.geometry import Geometry, preset
+from biref_sdk.holography import CameraConfig, Demodulator, expose, intensity
+from biref_sdk.physics import MultiSlice
+from biref_sdk.reconstruction import get_reconstructor
+from biref_sdk.reconstruction.consistency import ConsistencyCheck
+from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions, Refiner, particle_region
+from biref_sdk.samples import Droplet, droplet_sample
+from biref_sdk.simulate import SimulationConfig, Simulator
+
+from mie_acquisition import CASES, mie_acquisition
+
+
+def tiny_geometry(n_views=3) -> Geometry:
+    return Geometry(wavelength_m=532e-9, medium_index=1.54, na_objective=1.2, pixel_size_m=50e-9,
+                    illumination_sines=((0.0, 0.0), (0.5, 0.1), (-0.2, 0.6))[:n_views],
+                    reference_carriers=((45 / 128, 15 / 128), (-15 / 128, 45 / 128)),
+                    hologram_shape=(32, 32), volume_shape=(8, 24, 24), voxel_size_m=(100e-9, 50e-9, 50e-9))
+
+
+def test_the_differentiable_transmit_is_transmit_and_its_gradient_the_finite_difference():
+    g = tiny_geometry()
+    droplet = Droplet((0.0, 0.0, 0.0), 0.45e-6, (1.0, 0.5, 0.7), "bipolar", 1.57, 1.55)
+    eps6 = droplet_sample([droplet], g).eps6.double()
+    optics = MultiSlice(g, dtype=torch.complex128)
+    np.testing.assert_allclose(optics.transmit_differentiable(eps6).detach().numpy(), optics.transmit(eps6).numpy(),
+                               rtol=0, atol=1e-12)
+
+    weights = torch.randn(optics.transmit(eps6).shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    active = torch.ones(eps6.shape[1:], dtype=torch.bool)  # the medium's voxels too: the direction changes them
+
+    def loss(e: torch.Tensor) -> torch.Tensor:
+        return (optics.transmit_differentiable(e, active=active).abs() ** 2 * weights).sum()
+
+    direction = torch.randn(eps6.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-3
+    variable = eps6.clone().requires_grad_(True)
+    loss(variable).backward()
+    step = 1e-2
+    finite = (loss(eps6 + step * direction) - loss(eps6 - step * direction)) / (2 * step)
+    np.testing.assert_allclose(float((variable.grad * direction).sum()), float(finite), rtol=1e-5)
+
+
+def test_the_camera_noise_measured_in_the_spectrum_is_that_of_the_demodulated_field():
+    """Signal: a sphere's hologram with illumination and carriers off the FFT grid (the leakage the
+    Hann window keeps out of the empty bins); noise: the camera's. The estimate from one noisy frame
+    against the variance of the demodulated noise itself (noisy minus noise-free frame)."""
+    g, radius_m, index = CASES["oil488"]
+    acquisition = mie_acquisition("oil488")
+    demodulate = Demodulator(g)
+    clean = torch.as_tensor(acquisition.holograms[:, :3])
+    camera = CameraConfig(electrons_per_unit_intensity=2000.0)
+    noisy = torch.as_tensor(expose(clean, camera, torch.Generator().manual_seed(0)).astype(np.float32))
+    noisy = (noisy - camera.offset_adu) * camera.gain_e_per_adu / camera.electrons_per_unit_intensity
+    measured = (demodulate(noisy) - demodulate(clean)).abs().pow(2).mean(dim=(-3, -2, -1))  # per pixel and component
+    estimate = demodulate.noise_variance(noisy)
+    np.testing.assert_allclose(estimate.numpy(), measured.double().numpy(), rtol=0.1)
+    assert float(demodulate.noise_variance(clean).max()) < 1e-6 * float(estimate.min())
+
+
+def test_the_true_volumes_residual_is_the_camera_noise():
+    """The consistency floor's physics: refit nothing, and the truth leaves exactly the noise."""
+    g = preset("small")
+    droplet = Droplet((0.1e-6, -0.2e-6, 0.0), 0.8e-6, (0.3, 0.5, 0.8), "radial", 1.566, 1.548)
+    sample = droplet_sample([droplet], g)
+    acquisition = Simulator(g, SimulationConfig()).acquire(sample, seed=4)
+    check = ConsistencyCheck(g, "all")
+    noise = check.frame_noise(acquisition.holograms) + check.frame_noise(acquisition.background)
+    scattered, noise_energy = check.scattered_fields(check.demodulate(acquisition.holograms),
+                                                     check.demodulate(acquisition.background), noise)
+    simulated = MultiSlice(g).transmit(sample.eps6) - check._illumination
+    residual = float((check.footprint_norm(scattered - simulated) ** 2).sum())
+    np.testing.assert_allclose(residual / float(noise_energy.sum()), 1.0, atol=0.1)
+
+
+def test_the_fit_recovers_a_spheres_index_from_exact_mie_fields():
+    """Independent physics: exact Mie frames of the off-grid oil geometry (its volume not on the
+    camera pitch), the fit started from the true shape with an index 0.005 too low."""
+    g, radius_m, index = CASES["oil488"]
+    acquisition = mie_acquisition("oil488")
+    t = acquisition.truth
+    low = Volume(np.where(t.ne > g.medium_index, index - 0.005, t.ne), np.where(t.no > g.medium_index, index - 0.005, t.no),
+                 t.director, t.voxel_size_m, t.medium_index)
+    refined = Refiner(g, RefineOptions(max_iterations=3)).refine(low, acquisition.holograms, acquisition.background)
+    z, y, x = g.volume_coordinates_m()
+    core = np.sqrt(z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2) <= radius_m / 2
+    report = refined.parameters["refinement"]
+    assert report["steps"] == 3 and report["residual_squared"][-1] < 0.05 * report["residual_squared"][0]
+    assert abs(float(refined.no[core].mean()) - index) < 0.0015 and abs(float(refined.ne[core].mean()) - index) < 0.0015
+    assert np.abs(refined.ne - refined.no)[core].max() == 0  # an isotropic start stays isotropic
+
+
+def test_the_region_that_moves_is_the_particles_grown():
+    shape = (6, 10, 10)
+    ne = np.full(shape, 1.54, np.float32)
+    ne[3, 5, 5] = 1.55
+    volume = Volume(ne, ne.copy(), np.zeros((3, *shape), np.float32), (1e-7, 5e-8, 5e-8), 1.54)
+    region = particle_region(volume, 1e-3, 2).numpy()
+    assert region.sum() == 5 * 5 * 5 and region[1:6, 3:8, 3:8].all()
+    with pytest.raises(ValueError):
+        RefineOptions(view_groups=0)
+
+
+@pytest.fixture(scope="module")
+def droplet_acquisition():
+    g = preset("small")
+    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
+    return Simulator(g).acquire(droplet_sample([droplet], g), seed=2)
+
+
+def test_a_refined_reconstruction_fits_the_views_received_and_keeps_its_volume_when_the_fit_fails(
+        droplet_acquisition, monkeypatch, caplog):
+    acquisition = droplet_acquisition
+    reconstructor = PhysicsRefined(get_reconstructor("formula"), RefineOptions(max_iterations=1))
+    assert reconstructor.name == "formula+refined"
+    session = reconstructor.start(acquisition.geometry, acquisition.background)
+    for p in range(2):
+        for v in range(acquisition.geometry.n_views):
+            if (p, v) != (1, 5):
+                session.add_view(p, v, acquisition.holograms[p, v])
+    volume = session.finalize(allow_missing=True)
+    report = volume.parameters["refinement"]
+    assert report["steps"] == 1 and report["residual_squared"][1] < report["residual_squared"][0]
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("line search failed")
+
+    monkeypatch.setattr(reconstructor.refiner_for(acquisition.geometry), "refine", broken)
+    kept = reconstructor.reconstruct(acquisition)
+    assert "refinement" not in kept.parameters and kept.parameters["refinement_error"].startswith("FloatingPointError")
+    assert "refinement failed" in caplog.text
+
+
+def test_reconstruct_refines_on_request_and_says_how(droplet_acquisition, tmp_path, capsys):
+    from biref_sdk.cli import main
+    from biref_sdk.files import read_volume, write_acquisition
+
+    write_acquisition(tmp_path / "a.h5", droplet_acquisition)
+    assert main(["reconstruct", str(tmp_path / "a.h5"), "--out", str(tmp_path / "v.h5"), "--refine-iterations", "1",
+                 "--consistency-views", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "refinement           residual^2" in out and "consistency" in out
+    assert read_volume(tmp_path / "v.h5").parameters["refinement"]["steps"] == 1
+    with pytest.raises(SystemExit):
+        main(["serve", "--refine-iterations", "1"])  # not offered where every volume's latency counts
