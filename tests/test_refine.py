@@ -15,7 +15,8 @@ from biref_sdk.holography import CameraConfig, Demodulator, expose, intensity
 from biref_sdk.physics import MultiSlice
 from biref_sdk.reconstruction import get_reconstructor
 from biref_sdk.reconstruction.consistency import ConsistencyCheck
-from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions, Refiner, particle_region
+from biref_sdk.reconstruction.refine import (PhysicsRefined, RefineOptions, Refiner, _aligned, _gaussian_smoother,
+                                             particle_region)
 from biref_sdk.samples import Droplet, droplet_sample
 from biref_sdk.simulate import SimulationConfig, Simulator
 
@@ -109,6 +110,19 @@ def test_the_region_that_moves_is_the_particles_grown():
     assert region.sum() == 5 * 5 * 5 and region[1:6, 3:8, 3:8].all()
     with pytest.raises(ValueError):
         RefineOptions(view_groups=0)
+
+
+def test_smoothed_changes_see_one_director_sign_per_neighbourhood():
+    """The director's sign is arbitrary; before the fit's changes are smoothed, neighbours agree."""
+    shape = (8, 10, 10)
+    axis = torch.tensor([0.6, 0.0, 0.8])
+    signs = torch.where(torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)
+    director = axis[:, None, None, None] * signs
+    aligned = _aligned(director, torch.ones(shape), _gaussian_smoother(1.0, "cpu"), 1.0)
+    products = (aligned * aligned[:, :1, :1, :1]).sum(0)
+    assert torch.allclose(products.abs(), torch.ones(shape)) and bool((products > 0).all())
+    smoothed = _gaussian_smoother(1.0, "cpu")(torch.ones(1, *shape))
+    assert torch.allclose(smoothed[0, 3:-3, 3:-3, 3:-3], torch.ones(2, 4, 4), atol=0.01)  # a constant passes
 
 
 @pytest.fixture(scope="module")

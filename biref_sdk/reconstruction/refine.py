@@ -55,6 +55,7 @@ class RefineOptions:
     mask_growth_voxels: int = 2      # the particles' region grown by this many voxels
     birefringence_step_scale: float = 30.0  # w is optimised in units of 1/scale (preconditioning)
     stop_at_noise: float = 1.0       # stop once residual^2 <= this x the noise's
+    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes (0: voxel by voxel)
 
     def __post_init__(self) -> None:
         if self.max_iterations < 0:
@@ -65,6 +66,46 @@ class RefineOptions:
             raise ValueError("mask_growth_voxels must be >= 0 and mask_threshold > 0")
         if not self.birefringence_step_scale > 0 or self.stop_at_noise < 0:
             raise ValueError("birefringence_step_scale must be > 0 and stop_at_noise >= 0")
+
+
+def _gaussian_smoother(sigma_voxels: float, device):
+    """A separable 3D Gaussian filter of fields [C, Z, Y, X] (identity for sigma 0): the fit's changes
+    pass through it, so it cannot put single-voxel noise into the volume."""
+    if sigma_voxels <= 0:
+        return lambda fields: fields
+    radius = max(1, int(math.ceil(2.5 * sigma_voxels)))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma_voxels) ** 2)
+    taps = (taps / taps.sum()).to(device)
+
+    def smooth(fields: torch.Tensor) -> torch.Tensor:
+        out = fields[:, None]  # [C, 1, Z, Y, X]
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = taps.numel()
+            padding = [0, 0, 0]
+            padding[axis] = radius
+            out = torch.nn.functional.conv3d(out, taps.view(shape), padding=tuple(padding))
+        return out[:, 0]
+
+    return smooth
+
+
+def _aligned(director: torch.Tensor, weight: torch.Tensor, smooth, sigma_voxels: float) -> torch.Tensor:
+    """The director [3, Z, Y, X] with each voxel's sign along its neighbourhood's axis (the leading
+    eigenvector of the smoothed ``weight d d^T``, its largest component positive): the director's
+    sign is arbitrary, and smoothed changes of ``w = sqrt(n_e^2 - n_o^2) d`` would cancel between
+    neighbours of opposite sign."""
+    if sigma_voxels <= 0:  # changes are not smoothed: each voxel's sign is its own
+        return director
+    outer = (weight * director)[:, None] * director[None, :]  # [3, 3, Z, Y, X]
+    mean = smooth(outer.reshape(9, *director.shape[1:])).reshape(3, 3, -1).permute(2, 0, 1)
+    axis = torch.linalg.eigh(mean.double())[1][:, :, 2].T.to(director.dtype).reshape(director.shape)
+    # the eigenvector's own sign is arbitrary too: its largest component is made positive, which
+    # neighbours with nearly the same axis share (they differ only where two components tie)
+    largest = axis.abs().argmax(0, keepdim=True)
+    axis = axis * torch.where(axis.gather(0, largest) < 0, -1.0, 1.0)
+    sign = torch.where((director * axis).sum(0) < 0, -1.0, 1.0)
+    return director * sign
 
 
 def particle_region(volume: Volume, threshold: float, growth_voxels: int) -> torch.Tensor:
@@ -121,19 +162,21 @@ class Refiner:
         region = particle_region(volume, opts.mask_threshold, opts.mask_growth_voxels).to(self.device)
         no_start = torch.as_tensor(volume.no, dtype=torch.float32, device=self.device)
         director = torch.as_tensor(volume.director, dtype=torch.float32, device=self.device)
+        smooth = _gaussian_smoother(opts.update_smoothing_voxels, self.device)
         birefringence = torch.sqrt((torch.as_tensor(volume.ne, device=self.device) ** 2 - no_start**2).clamp_min(0))
-        w_start = birefringence * director
+        w_start = birefringence * _aligned(director, birefringence, smooth, opts.update_smoothing_voxels)
         scale = opts.birefringence_step_scale
-        no_free = no_start[region].clone().requires_grad_(True)
-        w_free = (w_start[:, region] / scale).clone().requires_grad_(True)
+        # the changes, as fields whose smoothed copy (inside the region) is added to the start
+        no_free = torch.zeros_like(no_start, requires_grad=True)
+        w_free = torch.zeros_like(w_start, requires_grad=True)
+        inside = region.to(no_start.dtype)
         medium = self.geometry.medium_index**2
         start_eps = torch.stack([no_start**2 * (i == j) + w_start[i] * w_start[j] for i, j in _PAIRS])
         active = region | ((start_eps[:3] - medium).abs().amax(0) + start_eps[3:].abs().amax(0) > 1e-7)
 
         def eps6() -> torch.Tensor:
-            no, w = no_start.clone(), w_start.clone()
-            no[region] = no_free
-            w[:, region] = w_free * scale
+            no = no_start + smooth(no_free[None])[0] * inside
+            w = w_start + smooth(w_free) * (inside * scale)
             return torch.stack([no**2 * (i == j) + w[i] * w[j] for i, j in _PAIRS])
 
         def residual(backward: bool) -> float:
