@@ -205,10 +205,16 @@ class Refiner:
             if history[-1] <= opts.stop_at_noise * floor:
                 stopped = "noise"
                 break
+            before = [no_free.detach().clone(), w_free.detach().clone()]
             optimiser.step(closure)
             history.append(residual(backward=False))
             if history[-1] > history[-2] * (1 - 1e-4):
                 stopped = "no_progress"
+                if history[-1] > history[-2]:  # a failed line search: keep the better volume
+                    with torch.no_grad():
+                        no_free.copy_(before[0])
+                        w_free.copy_(before[1])
+                    history.pop()  # the residuals listed are those of the volumes kept
                 break
         else:
             if history[-1] <= opts.stop_at_noise * floor:
