@@ -92,57 +92,60 @@ class Demodulator:
             self._shift = reference_waves(geometry, 1.0, self.device)  # exp(+i 2 pi c.(j, i))
             self._rows = torch.stack([my % H, my % H]).to(self.device)
             self._cols = torch.stack([mx % W, mx % W]).to(self.device)
+        # the camera noise's tables (noise_variance)
+        self._empty = self._noise_bins(geometry).to(self.device)
+        self._noise_bin_count = int(self._empty.sum())
+        self._hann = (torch.hann_window(H, periodic=False, dtype=torch.float32)[:, None]
+                      * torch.hann_window(W, periodic=False, dtype=torch.float32)[None, :]).to(self.device)
+        self._hann_power = float(self._hann.pow(2).mean())
 
-    def _noise_bins(self) -> torch.Tensor:
+    @staticmethod
+    def _noise_bins(geometry: Geometry) -> torch.Tensor:
         """bool[H, W]: the frame's frequencies that carry no signal, only camera noise: outside the
         sample's autocorrelation (radius twice the pupil's) around zero, the sidebands (the pupil) at
         plus and minus each carrier and the references' cross term at plus and minus their
         difference, each with a margin of 3 bins (leakage of carriers off the FFT grid)."""
-        if getattr(self, "_empty", None) is None:
-            H, W = self.geometry.hologram_shape
-            fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
-            fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
-            r = self.geometry.pupil_radius_cycles_per_pixel
-            margin = 3.0 / min(H, W)
-            c = torch.as_tensor(self.geometry.carriers, dtype=torch.float64)
-            centres = [(torch.zeros(2, dtype=torch.float64), 2 * r), (c[0], r), (-c[0], r), (c[1], r), (-c[1], r),
-                       (c[0] - c[1], 0.0), (c[1] - c[0], 0.0)]
-            signal = torch.zeros(H, W, dtype=torch.bool)
-            for (cx, cy), radius in centres:
-                dx = (fx - cx + 0.5) % 1.0 - 0.5  # periodic: the spectrum wraps
-                dy = (fy - cy + 0.5) % 1.0 - 0.5
-                signal |= dx**2 + dy**2 <= (radius + margin) ** 2
-            self._empty = ~signal
-            self._hann = (torch.hann_window(H, periodic=False, dtype=torch.float32)[:, None]
-                          * torch.hann_window(W, periodic=False, dtype=torch.float32)[None, :])
-        return self._empty
+        H, W = geometry.hologram_shape
+        fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+        fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+        r = geometry.pupil_radius_cycles_per_pixel
+        margin = 3.0 / min(H, W)
+        c = torch.as_tensor(geometry.carriers, dtype=torch.float64)
+        centres = [(torch.zeros(2, dtype=torch.float64), 2 * r), (c[0], r), (-c[0], r), (c[1], r), (-c[1], r),
+                   (c[0] - c[1], 0.0), (c[1] - c[0], 0.0)]
+        signal = torch.zeros(H, W, dtype=torch.bool)
+        for (cx, cy), radius in centres:
+            dx = (fx - cx + 0.5) % 1.0 - 0.5  # periodic: the spectrum wraps
+            dy = (fy - cy + 0.5) % 1.0 - 0.5
+            signal |= dx**2 + dy**2 <= (radius + margin) ** 2
+        return ~signal
 
-    def noise_variance(self, frames) -> torch.Tensor:
-        """Per frame [...] of ``frames`` [..., H, W]: the variance per pixel of the camera noise in each
-        demodulated field component. Shot and read noise are white, so every frequency of the frame
-        carries the same noise power, measured where no signal is (``_noise_bins``, the median of
-        the exponentially distributed power over ln 2), and the demodulation keeps the pupil's
-        bins of it (a windowed spectrum, so a frame's signal does not leak into them). Unlike the deviation of a background frame from the ideal illumination, this
-        holds for illuminations and carriers off the FFT grid too."""
-        frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
-        frames = frames.to(device=self.device, dtype=torch.float32)
-        empty = self._noise_bins().to(self.device)
-        if int(empty.sum()) < 16:
-            raise ValueError("this geometry leaves too few frequencies without signal to measure the camera noise")
-        # a Hann window keeps the leakage of illuminations and carriers off the FFT grid out of the
-        # empty bins (it falls as 1/f^3, not 1/f); it scales white noise's power by mean(w^2)
-        window = self._hann.to(self.device)
-        power = torch.fft.fft2(frames * window).abs().pow(2)[..., empty]
-        per_bin = power.median(dim=-1).values.double() / math.log(2.0) / float(window.pow(2).mean())
-        Hc, Wc = self.crop
-        return per_bin * int(self._pupil.sum()) / (Hc * Wc) ** 2
-
-    def __call__(self, frames) -> torch.Tensor:
+    def _frames(self, frames) -> torch.Tensor:
         frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
         frames = frames.to(device=self.device, dtype=torch.float32)
         if tuple(frames.shape[-2:]) != self.geometry.hologram_shape:
             raise ValueError(f"frames of shape {tuple(frames.shape[-2:])} do not match the geometry's "
                              f"{self.geometry.hologram_shape}")
+        return frames
+
+    def noise_variance(self, frames) -> torch.Tensor:
+        """Per frame [...] of ``frames`` [..., H, W]: the variance per pixel of the camera noise in each
+        demodulated field component. Shot and read noise are white, so every frequency of the frame
+        carries the same noise power, measured where no signal is (``_noise_bins``; the median of
+        the exponentially distributed power over ln 2), and the demodulation keeps the pupil's bins
+        of it. Unlike the deviation of a background frame from the ideal illumination, this holds
+        for illuminations and carriers off the FFT grid too."""
+        if self._noise_bin_count < 16:
+            raise ValueError("this geometry leaves too few frequencies without signal to measure the camera noise")
+        # a Hann window keeps the leakage of illuminations and carriers off the FFT grid out of the
+        # empty bins (it falls as 1/f^3, not 1/f); it scales white noise's power by mean(w^2)
+        power = torch.fft.fft2(self._frames(frames) * self._hann).abs().pow(2)[..., self._empty]
+        per_bin = power.median(dim=-1).values.double() / math.log(2.0) / self._hann_power
+        Hc, Wc = self.crop
+        return per_bin * int(self._pupil.sum()) / (Hc * Wc) ** 2
+
+    def __call__(self, frames) -> torch.Tensor:
+        frames = self._frames(frames)
         if self._on_grid:
             spectrum = torch.fft.fft2(frames)
             parts = [spectrum[..., self._rows[q][:, None], self._cols[q][None, :]] for q in range(2)]

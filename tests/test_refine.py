@@ -118,7 +118,7 @@ def test_smoothed_changes_see_one_director_sign_per_neighbourhood():
     axis = torch.tensor([0.6, 0.0, 0.8])
     signs = torch.where(torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)
     director = axis[:, None, None, None] * signs
-    aligned = _aligned(director, torch.ones(shape), _gaussian_smoother(1.0, "cpu"), 1.0)
+    aligned = _aligned(director, torch.ones(shape), _gaussian_smoother(1.0, "cpu"))
     products = (aligned * aligned[:, :1, :1, :1]).sum(0)
     assert torch.allclose(products.abs(), torch.ones(shape)) and bool((products > 0).all())
     smoothed = _gaussian_smoother(1.0, "cpu")(torch.ones(1, *shape))

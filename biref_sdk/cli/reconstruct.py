@@ -79,6 +79,9 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
     options = parse_options(args.option, methods)
     if args.model and "model" not in methods:
         raise ValueError("--model applies only to --method model")
+    refine_iterations = getattr(args, "refine_iterations", 0)   # serve does not offer it
+    if refine_iterations < 0:
+        raise ValueError("--refine-iterations must be >= 0")
     built = {}
     for method in methods:
         kwargs = dict(options[method])
@@ -95,9 +98,6 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
         if method == "model":
             kwargs.setdefault("engine", args.engine)
         built[method] = get_reconstructor(method, **kwargs)
-        refine_iterations = getattr(args, "refine_iterations", 0)
-        if refine_iterations < 0:
-            raise ValueError("--refine-iterations must be >= 0")
         if refine_iterations:  # inside the check, which then scores the refined volume
             from ..reconstruction.refine import PhysicsRefined, RefineOptions
 

@@ -21,10 +21,11 @@ the per-pixel variance of a demodulated component, ``N_f``: the footprint's pixe
 ``noise_floor``: the median of ``f``). An earlier estimate, the background's deviation from the
 fitted illumination, also counted the pupil's cut of illuminations off the FFT grid, which the
 subtraction ``M - B`` removes: for the off-grid geometries of tests/mie_acquisition.py it put
-the floor above the residual and the score at 0. The **score** is the median over the checked views of ``sqrt(max(r^2 - f^2, 0))``, the part
-of the residual that noise does not explain: near 0 when the volume explains the data; large when
-the sample is unlike what the reconstruction knows, or the acquisition is not what its geometry says
-(benchmarks/trust.py measures how well it tells held-out sample types apart).
+the floor above the residual and the score at 0. The **score** is the median over the checked
+views of ``sqrt(max(r^2 - f^2, 0))``, the part of the residual that noise does not explain: near 0
+when the volume explains the data; large when the sample is unlike what the reconstruction knows, or
+the acquisition is not what its geometry says (benchmarks/trust.py measures how well it tells
+held-out sample types apart).
 """
 from __future__ import annotations
 
@@ -125,9 +126,12 @@ class ConsistencyCheck:
         energy = torch.as_tensor(noise_variance, device=inverse_gain.device) * int(self._footprint.sum()) * inverse_gain
         return (measured - background) / scale[..., None, None], energy
 
+    def footprint_energy(self, field: torch.Tensor) -> torch.Tensor:
+        """The squared norm of each view's field [2, n, 2, H, W] over the volume's footprint: [2, n]."""
+        return (field.abs().pow(2) * self._footprint).sum(dim=(2, 3, 4))
+
     def footprint_norm(self, field: torch.Tensor) -> torch.Tensor:
-        """The norm of each view's field [2, n, 2, H, W] over the volume's footprint: [2, n]."""
-        return (field.abs().pow(2) * self._footprint).sum(dim=(2, 3, 4)).sqrt()
+        return self.footprint_energy(field).sqrt()
 
     def score(self, volume: Volume, measured: torch.Tensor, background: torch.Tensor,
               received: np.ndarray | None = None, *, noise_variance: torch.Tensor) -> Consistency:

@@ -90,13 +90,11 @@ def _gaussian_smoother(sigma_voxels: float, device):
     return smooth
 
 
-def _aligned(director: torch.Tensor, weight: torch.Tensor, smooth, sigma_voxels: float) -> torch.Tensor:
+def _aligned(director: torch.Tensor, weight: torch.Tensor, smooth) -> torch.Tensor:
     """The director [3, Z, Y, X] with each voxel's sign along its neighbourhood's axis (the leading
     eigenvector of the smoothed ``weight d d^T``, its largest component positive): the director's
     sign is arbitrary, and smoothed changes of ``w = sqrt(n_e^2 - n_o^2) d`` would cancel between
     neighbours of opposite sign."""
-    if sigma_voxels <= 0:  # changes are not smoothed: each voxel's sign is its own
-        return director
     outer = (weight * director)[:, None] * director[None, :]  # [3, 3, Z, Y, X]
     mean = smooth(outer.reshape(9, *director.shape[1:])).reshape(3, 3, -1).permute(2, 0, 1)
     axis = torch.linalg.eigh(mean.double())[1][:, :, 2].T.to(director.dtype).reshape(director.shape)
@@ -152,9 +150,7 @@ class Refiner:
         weight = torch.ones(2, self.geometry.n_views, device=self.device)
         if received is not None:
             weight = torch.as_tensor(np.asarray(received, dtype=np.float32), device=self.device)
-        view_weight = weight[:, :, None, None, None]
-        footprint = check._footprint
-        signal = float((check.footprint_norm(scattered) ** 2 * weight).sum())
+        signal = float((check.footprint_energy(scattered) * weight).sum())
         if signal <= 0:
             raise ValueError("no scattered field to fit: the received views carry no signal")
         floor = float((noise_energy * weight).sum()) / signal
@@ -164,7 +160,9 @@ class Refiner:
         director = torch.as_tensor(volume.director, dtype=torch.float32, device=self.device)
         smooth = _gaussian_smoother(opts.update_smoothing_voxels, self.device)
         birefringence = torch.sqrt((torch.as_tensor(volume.ne, device=self.device) ** 2 - no_start**2).clamp_min(0))
-        w_start = birefringence * _aligned(director, birefringence, smooth, opts.update_smoothing_voxels)
+        if opts.update_smoothing_voxels > 0:  # smoothed changes need neighbours of one sign
+            director = _aligned(director, birefringence, smooth)
+        w_start = birefringence * director
         scale = opts.birefringence_step_scale
         # the changes, as fields whose smoothed copy (inside the region) is added to the start
         no_free = torch.zeros_like(no_start, requires_grad=True)
@@ -180,16 +178,22 @@ class Refiner:
             return torch.stack([no**2 * (i == j) + w[i] * w[j] for i, j in _PAIRS])
 
         def residual(backward: bool) -> float:
+            with torch.set_grad_enabled(backward):
+                volume_eps6 = eps6()
+            # the groups' gradients gather on a detached copy, then flow once through eps6()
+            tensor = volume_eps6.detach().requires_grad_(backward)
             total = 0.0
             for views, optics, illumination in zip(self._groups, self._optics, self._illumination):
                 index = torch.as_tensor(views, device=self.device)
                 with torch.set_grad_enabled(backward):
-                    simulated = optics.transmit_differentiable(eps6(), volume.voxel_size_m, active) - illumination
-                    miss = (scattered[:, index] - simulated) * footprint * view_weight[:, index]
-                    part = miss.abs().pow(2).sum() / signal
+                    simulated = optics.transmit_differentiable(tensor, volume.voxel_size_m, active) - illumination
+                    miss = check.footprint_energy(scattered[:, index] - simulated)
+                    part = (miss * weight[:, index]).sum() / signal
                 if backward:
                     part.backward()
                 total += float(part.detach())
+            if backward:
+                volume_eps6.backward(tensor.grad)
             return total
 
         optimiser = torch.optim.LBFGS([no_free, w_free], lr=1.0, max_iter=1, history_size=10,
