@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--refine-iterations", type=int, default=0, metavar="N",
                         help="also each model refined against the measured fields (at most N steps; 0: off)")
+    parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
+                        help="what the refinement moves: voxels, particles (repeatable; default voxels)")
     parser.add_argument("--out", help="JSON output file")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -55,9 +57,10 @@ def main() -> int:
     for spec in args.model:
         name, _, path = spec.partition("=")
         reconstructors[name] = get_reconstructor("model", model=path)
-        if args.refine_iterations:
-            reconstructors[f"{name}+refined"] = PhysicsRefined(reconstructors[name],
-                                                               RefineOptions(max_iterations=args.refine_iterations))
+        for model in (args.refine_model or ["voxels"]) if args.refine_iterations else ():
+            row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}")
+            reconstructors[row] = PhysicsRefined(reconstructors[name],
+                                                 RefineOptions(max_iterations=args.refine_iterations, model=model))
     tables = {}
     for path in sorted(Path(args.data_dir).glob(args.pattern)):
         tables[path.stem] = evaluate(path, reconstructors, limit=args.limit)

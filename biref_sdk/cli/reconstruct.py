@@ -68,6 +68,9 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
                        help="refine each volume against the measured fields with the forward model, at most N "
                             "L-BFGS steps, stopping at the camera noise (docs/reconstruction.md, Physics "
                             "refinement; about a minute on two CPU cores); 0: off (default)")
+        p.add_argument("--refine-model", choices=("voxels", "particles"), default="voxels",
+                       help="what the refinement moves: every voxel's indices and director (voxels, default), or "
+                            "particles of one material each, their levels and shapes (particles)")
     p.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="a method option, e.g. formula.constraint_iterations=10 or "
                         "formula.index_bounds=(1.54,1.57); repeatable (docs/reconstruction.md)")
@@ -101,7 +104,8 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
         if refine_iterations:  # inside the check, which then scores the refined volume
             from ..reconstruction.refine import PhysicsRefined, RefineOptions
 
-            built[method] = PhysicsRefined(built[method], RefineOptions(max_iterations=refine_iterations),
+            built[method] = PhysicsRefined(built[method], RefineOptions(max_iterations=refine_iterations,
+                                                                        model=args.refine_model),
                                            device=args.device)
         if args.consistency_views:
             from ..reconstruction.consistency import ConsistencyChecked

@@ -9,11 +9,19 @@ refinement moves the volume until it explains them as well as the camera noise a
   medium stays where the start put it. Each voxel is ``eps = n_o^2 I + w w^T`` with
   ``w = sqrt(n_e^2 - n_o^2) d``: uniaxial by construction with ``n_e >= n_o``, sign-free in the
   director, and a voxel the start calls isotropic stays isotropic (its gradient in ``w`` is 0).
+* **Or particles** (``model="particles"``): each particle of the start is one material
+  (:mod:`.particles`), and the fit moves its two levels, ``n_o`` and ``sqrt(n_e^2 - n_o^2)``, and
+  every voxel's occupancy ``f`` and director: ``eps = n_m^2 I + f (eps_k(d) - n_m^2 I)``. That is
+  four numbers per voxel fewer to fit from the same fields, and a prior the fields cannot give
+  (the missing cone): a voxel is particle or medium, the double well ``16 f^2 (1 - f)^2``, weighted
+  so that a region of half-full voxels costs ``binary_weight`` x the noise's residual. An isotropic
+  particle stays isotropic. The levels step ``level_step_scale`` of a voxel's (a level moves
+  thousands of voxels at once). Measured on the held-out sets: docs/reconstruction.md.
 * **Preconditioning.** The fields are far more sensitive to ``n_o`` (the mean phase) than to ``w``
   (the retardance), so plain gradients move ``n_o`` to absorb the birefringence's errors; ``w``
   is optimised as ``w / birefringence_step_scale``. Measured on a droplet of the single-droplet set
   (scale 1 against 30): n_o -4.5 dB against +1.4 dB, director 7.6 deg against 3.5 deg.
-* **Optimiser.** L-BFGS with a strong-Wolfe line search on the relative residual
+* **Optimiser.** L-BFGS with a strong-Wolfe line search (up to 5 trial steps) on the relative residual
   ``sum ||S_m - S_s||^2 / sum ||S_m||^2`` over all received views (on the volume's footprint).
   Gradients come through :meth:`~biref_sdk.physics.MultiSlice.transmit_differentiable`, in
   ``view_groups`` groups of views, which bounds autograd's memory.
@@ -46,18 +54,28 @@ from .consistency import ConsistencyCheck
 
 log = logging.getLogger(__name__)
 
+MODELS = ("voxels", "particles")
+
 
 @dataclass(frozen=True)
 class RefineOptions:
     max_iterations: int = 8          # L-BFGS steps (each one or more forward and backward passes)
     view_groups: int = 6             # views per backward pass = V / view_groups (autograd's memory)
-    mask_threshold: float = 1e-3     # |n_e - n_m| + |n_o - n_m| of the start where a particle is
+    mask_threshold: float = 1e-3     # voxels: |n_e - n_m| + |n_o - n_m| of the start where a particle is
     mask_growth_voxels: int = 2      # the particles' region grown by this many voxels
     birefringence_step_scale: float = 30.0  # w is optimised in units of 1/scale (preconditioning)
     stop_at_noise: float = 1.0       # stop once residual^2 <= this x the noise's
-    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes (0: voxel by voxel)
+    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes (0: voxel by voxel; voxels model)
+    model: str = "voxels"            # what moves: "voxels" (n_o, w per voxel) or "particles" (module docstring)
+    level_step_scale: float = 3.3e-4  # particles: their levels' step against a voxel's (preconditioning)
+    fit_occupancy: bool = False      # particles: fit the shapes too (the start's otherwise; docstring)
+    binary_weight: float = 1.0       # particles: the prior that a voxel is particle or medium, in noise units
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if not self.level_step_scale > 0 or self.binary_weight < 0:
+            raise ValueError("level_step_scale must be > 0 and binary_weight >= 0")
         if self.max_iterations < 0:
             raise ValueError("max_iterations must be >= 0")
         if self.view_groups < 1:
@@ -139,8 +157,6 @@ class Refiner:
         """The refined copy of ``volume``; ``holograms``, ``background``: the acquisition's frames
         [2, V, H, W]; ``received`` bool[2, V] (all by default): the views to fit.
         ``parameters["refinement"]`` records the residuals, the noise, the steps and why it stopped."""
-        from ..samples.tensor import _PAIRS, eps6_to_volume
-
         began = time.perf_counter()
         opts = self.options
         check = self.check
@@ -155,31 +171,17 @@ class Refiner:
             raise ValueError("no scattered field to fit: the received views carry no signal")
         floor = float((noise_energy * weight).sum()) / signal
 
-        region = particle_region(volume, opts.mask_threshold, opts.mask_growth_voxels).to(self.device)
-        no_start = torch.as_tensor(volume.no, dtype=torch.float32, device=self.device)
-        director = torch.as_tensor(volume.director, dtype=torch.float32, device=self.device)
-        smooth = _gaussian_smoother(opts.update_smoothing_voxels, self.device)
-        birefringence = torch.sqrt((torch.as_tensor(volume.ne, device=self.device) ** 2 - no_start**2).clamp_min(0))
-        if opts.update_smoothing_voxels > 0:  # smoothed changes need neighbours of one sign
-            director = _aligned(director, birefringence, smooth)
-        w_start = birefringence * director
-        scale = opts.birefringence_step_scale
-        # the changes, as fields whose smoothed copy (inside the region) is added to the start
-        no_free = torch.zeros_like(no_start, requires_grad=True)
-        w_free = torch.zeros_like(w_start, requires_grad=True)
-        inside = region.to(no_start.dtype)
+        fit = (_ParticleFit if opts.model == "particles" else _VoxelFit)(volume, opts, self.device)
         medium = self.geometry.medium_index**2
-        start_eps = torch.stack([no_start**2 * (i == j) + w_start[i] * w_start[j] for i, j in _PAIRS])
-        active = region | ((start_eps[:3] - medium).abs().amax(0) + start_eps[3:].abs().amax(0) > 1e-7)
+        start_eps = fit.eps6().detach()
+        # every voxel the fit may change, and every one the start already holds
+        active = fit.region | ((start_eps[:3] - medium).abs().amax(0) + start_eps[3:].abs().amax(0) > 1e-7)
 
-        def eps6() -> torch.Tensor:
-            no = no_start + smooth(no_free[None])[0] * inside
-            w = w_start + smooth(w_free) * (inside * scale)
-            return torch.stack([no**2 * (i == j) + w[i] * w[j] for i, j in _PAIRS])
-
-        def residual(backward: bool) -> float:
+        def residual(backward: bool) -> tuple[float, float]:
+            """(the fields' relative residual, the prior's penalty); gradients into the fit's parameters."""
             with torch.set_grad_enabled(backward):
-                volume_eps6 = eps6()
+                volume_eps6 = fit.eps6()
+                penalty = fit.penalty(floor)
             # the groups' gradients gather on a detached copy, then flow once through eps6()
             tensor = volume_eps6.detach().requires_grad_(backward)
             total = 0.0
@@ -194,45 +196,169 @@ class Refiner:
                 total += float(part.detach())
             if backward:
                 volume_eps6.backward(tensor.grad)
-            return total
+                if penalty.requires_grad:
+                    penalty.backward()
+            return total, float(penalty.detach())
 
-        optimiser = torch.optim.LBFGS([no_free, w_free], lr=1.0, max_iter=1, history_size=10,
+        # max_eval: room for the line search to shrink a first step that overshoots
+        optimiser = torch.optim.LBFGS(fit.parameters, lr=1.0, max_iter=1, max_eval=6, history_size=10,
                                       line_search_fn="strong_wolfe")
 
         def closure():
             optimiser.zero_grad()
-            return torch.tensor(residual(backward=True))
+            return torch.tensor(sum(residual(backward=True)))
 
-        history = [residual(backward=False)]
+        history = [residual(backward=False)]  # (residual, penalty) of each volume kept
         stopped = "max_iterations"
         for _ in range(opts.max_iterations):
-            if history[-1] <= opts.stop_at_noise * floor:
+            if history[-1][0] <= opts.stop_at_noise * floor:
                 stopped = "noise"
                 break
-            before = [no_free.detach().clone(), w_free.detach().clone()]
+            before = [p.detach().clone() for p in fit.parameters]
             optimiser.step(closure)
             history.append(residual(backward=False))
-            if history[-1] > history[-2] * (1 - 1e-4):
+            if sum(history[-1]) > sum(history[-2]) * (1 - 1e-4):
                 stopped = "no_progress"
-                if history[-1] > history[-2]:  # a failed line search: keep the better volume
+                if sum(history[-1]) > sum(history[-2]):  # a failed line search: keep the better volume
                     with torch.no_grad():
-                        no_free.copy_(before[0])
-                        w_free.copy_(before[1])
-                    history.pop()  # the residuals listed are those of the volumes kept
+                        for parameter, kept in zip(fit.parameters, before):
+                            parameter.copy_(kept)
+                    history.pop()
                 break
         else:
-            if history[-1] <= opts.stop_at_noise * floor:
+            if history[-1][0] <= opts.stop_at_noise * floor:
                 stopped = "noise"
         with torch.no_grad():
-            refined = eps6_to_volume(eps6(), volume.voxel_size_m, volume.medium_index)
-        report = {"residual_squared": [round(h, 6) for h in history], "noise_squared": round(floor, 6),
-                  "steps": len(history) - 1, "stopped": stopped, "voxels": int(region.sum()),
-                  "seconds": round(time.perf_counter() - began, 3), "options": asdict(opts)}
-        log.info("refined in %d steps (%s): residual^2 %.4f -> %.4f, noise %.4f, %.1f s", report["steps"], stopped,
-                 history[0], history[-1], floor, report["seconds"])
+            refined = fit.volume()
+        report = {"model": opts.model, "residual_squared": [round(h[0], 6) for h in history],
+                  "noise_squared": round(floor, 6), "steps": len(history) - 1, "stopped": stopped,
+                  "voxels": int(fit.region.sum()), "seconds": round(time.perf_counter() - began, 3),
+                  "options": asdict(opts), **fit.report()}
+        log.info("refined (%s) in %d steps (%s): residual^2 %.4f -> %.4f, noise %.4f, %.1f s", opts.model,
+                 report["steps"], stopped, history[0][0], history[-1][0], floor, report["seconds"])
         return Volume(ne=refined.ne, no=refined.no, director=refined.director, voxel_size_m=volume.voxel_size_m,
                       medium_index=volume.medium_index, uncertainty=volume.uncertainty,
                       parameters={**volume.parameters, "refinement": report})
+
+
+class _VoxelFit:
+    """The ``voxels`` model: n_o and ``w = sqrt(n_e^2 - n_o^2) d`` of every voxel near the particles,
+    their changes smoothed (module docstring)."""
+
+    def __init__(self, volume: Volume, opts: RefineOptions, device) -> None:
+        self.region = particle_region(volume, opts.mask_threshold, opts.mask_growth_voxels).to(device)
+        self._voxel_size_m, self._medium_index = volume.voxel_size_m, volume.medium_index
+        self._no_start = torch.as_tensor(volume.no, dtype=torch.float32, device=device)
+        director = torch.as_tensor(volume.director, dtype=torch.float32, device=device)
+        self._smooth = _gaussian_smoother(opts.update_smoothing_voxels, device)
+        birefringence = torch.sqrt((torch.as_tensor(volume.ne, device=device) ** 2 - self._no_start**2).clamp_min(0))
+        if opts.update_smoothing_voxels > 0:  # smoothed changes need neighbours of one sign
+            director = _aligned(director, birefringence, self._smooth)
+        self._w_start = birefringence * director
+        self._scale = opts.birefringence_step_scale
+        self._inside = self.region.to(torch.float32)
+        # the changes, as fields whose smoothed copy (inside the region) is added to the start
+        self._no_free = torch.zeros_like(self._no_start, requires_grad=True)
+        self._w_free = torch.zeros_like(self._w_start, requires_grad=True)
+        self.parameters = [self._no_free, self._w_free]
+
+    def eps6(self) -> torch.Tensor:
+        from ..samples.tensor import _PAIRS
+
+        no = self._no_start + self._smooth(self._no_free[None])[0] * self._inside
+        w = self._w_start + self._smooth(self._w_free) * (self._inside * self._scale)
+        return torch.stack([no**2 * (i == j) + w[i] * w[j] for i, j in _PAIRS])
+
+    def penalty(self, floor: float) -> torch.Tensor:
+        return torch.zeros(())
+
+    def volume(self) -> Volume:
+        from ..samples.tensor import eps6_to_volume
+
+        return eps6_to_volume(self.eps6(), self._voxel_size_m, self._medium_index)
+
+    def report(self) -> dict:
+        return {}
+
+
+class _ParticleFit:
+    """The ``particles`` model: each particle's (n_o, sqrt(n_e^2 - n_o^2)), each voxel's occupancy and
+    director (:mod:`.particles`), with a prior that pulls the occupancy to 0 or 1."""
+
+    def __init__(self, volume: Volume, opts: RefineOptions, device) -> None:
+        from .particles import segment_particles
+
+        particles = segment_particles(volume, growth_voxels=opts.mask_growth_voxels)
+        if particles.count == 0:
+            raise ValueError("the start volume holds no particle to fit")
+        self._particles = particles
+        self._voxel_size_m, self._medium_index = volume.voxel_size_m, volume.medium_index
+        owner = torch.as_tensor(particles.owner, device=device)
+        self.region = owner > 0
+        self._inside = self.region.to(torch.float32)
+        self._level = (owner - 1).clamp_min(0)
+        self._no_start = torch.as_tensor(particles.no, dtype=torch.float32, device=device)
+        # an isotropic particle's 0 has no gradient in b: it stays isotropic
+        self._b_start = torch.sqrt(torch.as_tensor(np.maximum(particles.ne**2 - particles.no**2, 0),
+                                                   dtype=torch.float32, device=device))
+        self._f_start = torch.as_tensor(particles.occupancy, dtype=torch.float32, device=device)
+        self._director_start = torch.as_tensor(volume.director, dtype=torch.float32, device=device)
+        self._level_step = opts.level_step_scale
+        self._scale = opts.birefringence_step_scale
+        self._binary_weight = opts.binary_weight
+        self._fit_occupancy = opts.fit_occupancy
+        self._levels_free = torch.zeros(2, particles.count, device=device, requires_grad=True)
+        self._f_free = torch.zeros_like(self._f_start, requires_grad=True)
+        self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
+        self.parameters = [self._levels_free, self._director_free] + ([self._f_free] if opts.fit_occupancy else [])
+
+    def _state(self):
+        no = self._no_start + self._levels_free[0] * self._level_step
+        b = self._b_start + self._levels_free[1] * (self._level_step * self._scale)
+        f = self._f_start + self._f_free * self._inside
+        d = self._director_start + self._director_free * self._inside
+        return no, b, f, d / d.norm(dim=0, keepdim=True).clamp_min(1e-6)
+
+    def eps6(self) -> torch.Tensor:
+        from ..samples.tensor import _PAIRS
+
+        no, b, f, d = self._state()
+        medium = self._medium_index**2
+        isotropic = medium + (no[self._level] ** 2 - medium) * f * self._inside
+        birefringence = b[self._level] ** 2 * f * self._inside
+        return torch.stack([isotropic * (i == j) + birefringence * d[i] * d[j] for i, j in _PAIRS])
+
+    def penalty(self, floor: float) -> torch.Tensor:
+        """``binary_weight`` x the noise's residual when every voxel of the region is half full (the
+        double well ``16 f^2 (1 - f)^2`` averaged over the region; 0 when all are 0 or 1), and the
+        mean squared excursion of ``f`` outside [0, 1]."""
+        if not self._fit_occupancy:
+            return torch.zeros(())
+        f = self._state()[2]
+        voxels = self._inside.sum().clamp_min(1)
+        well = (16 * (f * (1 - f)) ** 2 * self._inside).sum() / voxels
+        # outside [0, 1] an occupancy is unphysical: it would trade a particle's level for its size
+        beyond = ((f - f.clamp(0, 1)) ** 2 * self._inside).sum() / voxels
+        return self._binary_weight * floor * well + beyond
+
+    def _fitted(self):
+        from .particles import ParticleMap
+
+        no, b, f, _ = self._state()
+        return ParticleMap(owner=self._particles.owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
+                           ne=torch.sqrt(no**2 + b**2).detach().double().cpu().numpy(),
+                           no=no.detach().double().cpu().numpy())
+
+    def volume(self) -> Volume:
+        ne, no = self._fitted().indices(self._medium_index)
+        director = self._state()[3].detach().cpu().numpy()
+        return Volume(ne=ne, no=no, director=director, voxel_size_m=self._voxel_size_m,
+                      medium_index=self._medium_index)
+
+    def report(self) -> dict:
+        from .particles import particle_report
+
+        return {"particles": particle_report(self._fitted())}
 
 
 class RefinedSession(ReconstructionSession):

@@ -1,0 +1,174 @@
+"""Particles of one material each: a volume split into particles with uniform (n_e, n_o) and an
+occupancy per voxel.
+
+An LC droplet or an isotropic bead is one material, so its n_e and n_o are the same everywhere in
+it; only the director varies (the simulator's truth is built so, and so are emulsions of a liquid
+crystal). A reconstruction is not: its indices wander inside a particle and blur at its surface.
+:func:`segment_particles` reads the particles off a volume:
+
+* **cores**: voxels deeper than ``core_erosion_voxels`` (city-block distance) inside the region
+  where the indices differ from the medium's by more than ``threshold``
+  (``|n_e - n_m| + |n_o - n_m|``), each connected piece one particle. Erosion separates touching
+  particles at their neck. A particle too small to keep a core is its own core; specks of fewer
+  than ``min_particle_voxels`` voxels are the medium;
+* **levels**: each particle's (n_e, n_o) is the median over its core; a core whose median
+  ``n_e - n_o`` is at most ``birefringence_threshold`` is isotropic, with one index, the median of
+  ``(n_e + n_o) / 2``. One class per core, not per voxel: a network sees no birefringence where a
+  droplet's director is along the axis, and that must not split the droplet;
+* **occupancy**: every voxel within ``growth_voxels`` of the region belongs to its nearest core's
+  particle, with the share of it that the particle fills,
+  ``((n_e - n_m) + (n_o - n_m)) / ((n_e,k - n_m) + (n_o,k - n_m))`` clipped to [0, 1], and 1 in
+  the core.
+
+A voxel's tensor is then ``n_m^2 I + f (eps_k(d) - n_m^2 I)``: the partial-volume mixture that the
+simulator's voxels hold at a surface (:func:`~biref_sdk.samples.tensor.voxelize_droplets`).
+:func:`uniform_particles` rebuilds a volume from that split; the physics refinement's
+``particles`` model fits the levels and the occupancy to the measured fields (:mod:`.refine`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..files import Volume
+
+MAX_PROPAGATION_STEPS = 512  # connected-component labelling: bounded by the longest path in a particle
+
+
+@dataclass(frozen=True)
+class ParticleMap:
+    """``owner`` int64[Z, Y, X] (0: medium, k: particle k), ``occupancy`` float32[Z, Y, X] in [0, 1]
+    (0 outside particles), ``ne``, ``no`` float64[K]: particle k's levels at index k - 1."""
+
+    owner: np.ndarray
+    occupancy: np.ndarray
+    ne: np.ndarray
+    no: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.ne)
+
+    def indices(self, medium_index: float) -> tuple[np.ndarray, np.ndarray]:
+        """(n_e, n_o) volumes: each voxel the mixture of its particle and the medium, in the
+        permittivity (n^2), as at a droplet's surface in the simulator."""
+        medium = medium_index**2
+        inside = self.owner > 0
+        if not self.count:
+            return (np.full(self.owner.shape, medium_index, np.float32),) * 2
+        level = np.maximum(self.owner - 1, 0)
+        f = self.occupancy.astype(np.float64)
+        ne = np.sqrt(medium + f * (self.ne[level] ** 2 - medium))
+        no = np.sqrt(medium + f * (self.no[level] ** 2 - medium))
+        return (np.where(inside, ne, medium_index).astype(np.float32),
+                np.where(inside, no, medium_index).astype(np.float32))
+
+
+def _dilate(mask: torch.Tensor, voxels: int = 1) -> torch.Tensor:
+    """Grown by ``voxels`` steps to the 6 face neighbours (within that city-block distance)."""
+    grown = mask.clone()
+    for _ in range(voxels):
+        step = grown.clone()
+        for axis in range(3):
+            step |= F.pad(grown.narrow(axis, 1, grown.shape[axis] - 1).float()[None, None],
+                          _pad(axis, (0, 1)))[0, 0] > 0
+            step |= F.pad(grown.narrow(axis, 0, grown.shape[axis] - 1).float()[None, None],
+                          _pad(axis, (1, 0)))[0, 0] > 0
+        grown = step
+    return grown
+
+
+def _pad(axis: int, before_after: tuple[int, int]) -> tuple[int, ...]:
+    """F.pad's argument (last axis first) that pads ``axis`` of a [Z, Y, X] volume."""
+    padding = [0] * 6
+    padding[2 * (2 - axis)], padding[2 * (2 - axis) + 1] = before_after
+    return tuple(padding)
+
+
+def _erode(mask: torch.Tensor, voxels: int) -> torch.Tensor:
+    return ~_dilate(~mask, voxels) if voxels else mask
+
+
+def _spread(labels: torch.Tensor, within: torch.Tensor, steps: int) -> torch.Tensor:
+    """Labels [Z, Y, X] (0: none) grown one voxel per step into ``within`` where still 0 (the larger
+    label wins a tie), until nothing changes or after ``steps``."""
+    labels = labels.clone()
+    for _ in range(steps):
+        grown = F.max_pool3d(labels[None, None].double(), 3, stride=1, padding=1)[0, 0].long()
+        update = (labels == 0) & within & (grown > 0)
+        if not bool(update.any()):
+            break
+        labels[update] = grown[update]
+    return labels
+
+
+def label_components(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Connected components (26-connected) of bool[Z, Y, X]: (labels 1..K, 0 outside; K)."""
+    ids = torch.arange(1, mask.numel() + 1, dtype=torch.float64).reshape(mask.shape) * mask
+    for _ in range(MAX_PROPAGATION_STEPS):
+        grown = F.max_pool3d(ids[None, None], 3, stride=1, padding=1)[0, 0] * mask
+        if torch.equal(grown, ids):
+            break
+        ids = grown
+    unique, labels = torch.unique(ids.long(), return_inverse=True)
+    if unique[0] != 0:  # every voxel is in a component
+        labels = labels + 1
+    return labels.reshape(mask.shape), int((unique > 0).sum())
+
+
+def _without_specks(labels: torch.Tensor, count: int, min_voxels: int) -> tuple[torch.Tensor, int]:
+    """Components of fewer than ``min_voxels`` voxels unlabelled, the rest renumbered 1..K."""
+    sizes = torch.bincount(labels.flatten(), minlength=count + 1)
+    large = sizes >= min_voxels
+    large[0] = False
+    renumbered = torch.cumsum(large, 0) * large
+    return renumbered[labels], int(large.sum())
+
+
+def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxels: int = 2,
+                      growth_voxels: int = 2, birefringence_threshold: float = 4e-3,
+                      min_particle_voxels: int = 4) -> ParticleMap:
+    """The particles of ``volume`` (module docstring)."""
+    nm = volume.medium_index
+    ne, no = torch.as_tensor(volume.ne, dtype=torch.float64), torch.as_tensor(volume.no, dtype=torch.float64)
+    mask = ((ne - nm).abs() + (no - nm).abs()) > threshold
+    core = _erode(mask, core_erosion_voxels)
+    cores, count = _without_specks(*label_components(core), min_particle_voxels)
+    coreless, count_c = _without_specks(*label_components(mask & ~_dilate(cores > 0, core_erosion_voxels + 1)),
+                                        min_particle_voxels)
+    cores = torch.where(coreless > 0, coreless + count, cores)
+    count += count_c
+    ne_k, no_k = np.zeros(count), np.zeros(count)
+    for k in range(1, count + 1):
+        core_k = cores == k
+        if float((ne - no)[core_k].median()) <= birefringence_threshold:  # isotropic: one index
+            ne_k[k - 1] = no_k[k - 1] = float((0.5 * (ne + no))[core_k].median())
+        else:
+            ne_k[k - 1], no_k[k - 1] = float(ne[core_k].median()), float(no[core_k].median())
+    region = _dilate(mask, growth_voxels) if growth_voxels else mask
+    owner = _spread(cores, region, MAX_PROPAGATION_STEPS)
+    owner = torch.where(region, owner, 0)
+    contrast = torch.as_tensor(np.r_[1.0, (ne_k - nm) + (no_k - nm)])[owner]
+    contrast = torch.where(contrast.abs() < 1e-6, 1e-6, contrast)
+    occupancy = torch.where(owner > 0, (((ne - nm) + (no - nm)) / contrast).clamp(0, 1), 0.0)
+    occupancy = torch.where(cores > 0, 1.0, occupancy)  # a core is inside its particle by construction
+    return ParticleMap(owner=owner.numpy(), occupancy=occupancy.float().numpy(), ne=ne_k, no=no_k)
+
+
+def uniform_particles(volume: Volume, **segment_options) -> Volume:
+    """``volume`` with every particle one material: its levels, its occupancy (module docstring).
+    The director and the uncertainty stay; ``parameters["particles"]`` records the levels."""
+    particles = segment_particles(volume, **segment_options)
+    ne, no = particles.indices(volume.medium_index)
+    return Volume(ne=ne, no=no, director=volume.director, voxel_size_m=volume.voxel_size_m,
+                  medium_index=volume.medium_index, uncertainty=volume.uncertainty,
+                  parameters={**volume.parameters, "particles": particle_report(particles)})
+
+
+def particle_report(particles: ParticleMap) -> dict:
+    return {"count": particles.count, "ne": [round(float(x), 5) for x in particles.ne],
+            "no": [round(float(x), 5) for x in particles.no],
+            "voxels": [int(v) for v in np.bincount(particles.owner.ravel(), minlength=particles.count + 1)[1:]]}

@@ -1,0 +1,141 @@
+"""Particles of one material each: the split of a volume into particles (against the simulator's
+voxelized droplets and scipy's labelling), and the refinement's particles model against exact Mie
+scattering."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from biref_sdk.files import Volume
+from biref_sdk.geometry import preset
+from biref_sdk.metrics import psnr
+from biref_sdk.reconstruction import get_reconstructor
+from biref_sdk.reconstruction.particles import label_components, segment_particles, uniform_particles
+from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions, Refiner
+from biref_sdk.samples import Droplet, droplet_sample
+
+from mie_acquisition import CASES, mie_acquisition
+
+
+def test_labelled_components_are_scipys():
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((12, 20, 20)) < 0.45)
+    labels, count = label_components(torch.as_tensor(mask))
+    expected, expected_count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    assert count == expected_count > 3
+    # the same partition, whatever the numbering
+    pairs = set(zip(labels.numpy()[mask].tolist(), expected[mask].tolist()))
+    assert len(pairs) == count and not bool(labels.numpy()[~mask].any())
+
+
+@pytest.fixture(scope="module")
+def touching_pair():
+    """An LC droplet and an isotropic bead (a uniform director, n_e = n_o) of another index, a voxel
+    apart and sharing partial-volume voxels, voxelized by the simulator."""
+    g = preset("small")
+    droplets = [Droplet((-0.52e-6, 0.0, 0.0), 0.5e-6, (0.0, 0.6, 0.8), "bipolar", 1.568, 1.547),
+                Droplet((0.53e-6, 0.1e-6, 0.0), 0.5e-6, (0.0, 0.0, 1.0), "uniform", 1.555, 1.555)]
+    return g, droplets, droplet_sample(droplets, g).truth()
+
+
+def test_touching_particles_split_with_their_own_levels_and_rebuild_the_truth(touching_pair):
+    g, droplets, truth = touching_pair
+    particles = segment_particles(truth)
+    assert particles.count == 2
+    levels = sorted(zip(particles.ne, particles.no))
+    np.testing.assert_allclose(levels, [(1.555, 1.555), (1.568, 1.547)], atol=2e-4)
+    isotropic = 1 + int(np.argmin(particles.ne - particles.no))
+    assert particles.ne[isotropic - 1] == particles.no[isotropic - 1]  # one index: it stays isotropic
+    # the partial-volume voxels at the surfaces are the simulator's mixtures of particle and medium
+    rebuilt = uniform_particles(truth)
+    assert psnr(truth.ne, rebuilt.ne) > 45 and psnr(truth.no, rebuilt.no) > 45
+    assert rebuilt.parameters["particles"]["count"] == 2
+
+
+def test_a_noisy_reconstruction_becomes_uniform_particles(touching_pair):
+    g, droplets, truth = touching_pair
+    rng = np.random.default_rng(1)
+    noisy = Volume(truth.ne + rng.normal(0, 0.001, truth.ne.shape).astype(np.float32) * (truth.ne > 1.5405),
+                   truth.no + rng.normal(0, 0.001, truth.no.shape).astype(np.float32) * (truth.no > 1.5405),
+                   truth.director, truth.voxel_size_m, truth.medium_index)
+    rebuilt = uniform_particles(noisy)
+    assert rebuilt.parameters["particles"]["count"] == 2  # noise neither splits a particle nor adds specks
+    # the levels are exact in the cores; the shells keep the noise through the occupancy
+    assert psnr(truth.no, rebuilt.no) > psnr(truth.no, noisy.no) + 3
+    assert psnr(truth.ne, rebuilt.ne) > psnr(truth.ne, noisy.ne)
+    empty = Volume(np.full_like(truth.ne, 1.54), np.full_like(truth.no, 1.54), truth.director, truth.voxel_size_m, 1.54)
+    assert segment_particles(empty).count == 0 and np.all(uniform_particles(empty).ne == 1.54)
+
+
+def _oil_sphere_start(extra_radius_voxels: int, index_error: float) -> tuple:
+    g, radius_m, index = CASES["oil488"]
+    z, y, x = g.volume_coordinates_m()
+    r = np.sqrt(z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2)
+    n = np.where(r <= radius_m + extra_radius_voxels * g.voxel_size_m[1], index - index_error, g.medium_index)
+    director = np.zeros((3, *n.shape), np.float32)
+    director[2] = 1.0
+    start = Volume(n.astype(np.float32), n.astype(np.float32), director, g.voxel_size_m, g.medium_index)
+    return g, radius_m, index, start
+
+
+def test_the_particles_fit_recovers_a_spheres_index_from_exact_mie_fields():
+    """Independent physics: exact Mie frames of the off-grid oil geometry; the start has the true
+    shape and an index 0.004 too low. Only the particle's level moves."""
+    g, radius_m, index, start = _oil_sphere_start(0, 0.004)
+    acquisition = mie_acquisition("oil488")
+    refined = Refiner(g, RefineOptions(model="particles", max_iterations=4)).refine(
+        start, acquisition.holograms, acquisition.background)
+    report = refined.parameters["refinement"]
+    assert report["model"] == "particles" and report["particles"]["count"] == 1
+    (fitted_ne,), (fitted_no,) = report["particles"]["ne"], report["particles"]["no"]
+    assert fitted_ne == fitted_no and abs(fitted_no - index) < 0.001  # isotropic, at the true index
+    np.testing.assert_array_equal(refined.no > g.medium_index, start.no > g.medium_index)  # the shape stays
+
+
+def test_the_particles_fit_with_occupancy_recovers_a_spheres_size_from_exact_mie_fields():
+    """The start is one voxel too large (44 % too much volume) with an index 0.004 too low, so its
+    phase is about right and only the fields' fine structure tells size from index."""
+    g, radius_m, index, start = _oil_sphere_start(1, 0.004)
+    acquisition = mie_acquisition("oil488")
+    refined = Refiner(g, RefineOptions(model="particles", fit_occupancy=True, max_iterations=12)).refine(
+        start, acquisition.holograms, acquisition.background)
+    report = refined.parameters["refinement"]
+    assert report["residual_squared"][-1] < 0.05 * report["residual_squared"][0]
+    (fitted_no,) = report["particles"]["no"]
+    assert abs(fitted_no - index) < 0.001
+    occupancy = (refined.no - g.medium_index) / (fitted_no - g.medium_index)
+    true_voxels = 4 / 3 * math.pi * radius_m**3 / math.prod(g.voxel_size_m)
+    assert abs(float(occupancy.sum()) / true_voxels - 1) < 0.05
+
+
+def test_a_volume_without_particles_keeps_its_volume_and_says_why():
+    from biref_sdk.simulate import Simulator
+
+    g = preset("small")
+    acquisition = Simulator(g).acquire(droplet_sample([], g), seed=3)
+    refined = PhysicsRefined(get_reconstructor("formula"), RefineOptions(model="particles", max_iterations=2))
+    volume = refined.reconstruct(acquisition)
+    assert "refinement" not in volume.parameters
+    assert "no particle" in volume.parameters["refinement_error"]
+    with pytest.raises(ValueError):
+        RefineOptions(model="blobs")
+
+
+def test_reconstruct_refines_particles_on_request(tmp_path, capsys):
+    from biref_sdk.cli import main
+    from biref_sdk.files import read_volume, write_acquisition
+    from biref_sdk.simulate import Simulator
+
+    g = preset("small")
+    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
+    write_acquisition(tmp_path / "a.h5", Simulator(g).acquire(droplet_sample([droplet], g), seed=2))
+    assert main(["reconstruct", str(tmp_path / "a.h5"), "--out", str(tmp_path / "v.h5"), "--refine-iterations", "1",
+                 "--refine-model", "particles", "--consistency-views", "0"]) == 0
+    report = read_volume(tmp_path / "v.h5").parameters["refinement"]
+    assert report["model"] == "particles" and report["steps"] == 1 and report["particles"]["count"] >= 1
+    assert report["residual_squared"][1] < report["residual_squared"][0]
+    assert "refinement           residual^2" in capsys.readouterr().out
