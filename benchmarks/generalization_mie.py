@@ -94,6 +94,8 @@ def main() -> int:
     parser.add_argument("--no-spheres", action="store_true", help="skip the Mie spheres")
     parser.add_argument("--refine-iterations", type=int, default=0, metavar="N",
                         help="also each model refined against the measured fields (at most N steps; 0: off)")
+    parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
+                        help="what the refinement moves: voxels, particles (repeatable; default voxels)")
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -106,8 +108,9 @@ def main() -> int:
     for spec in args.model:
         name, _, path = spec.partition("=")
         methods[name] = get_reconstructor("model", model=path)
-        if args.refine_iterations:
-            methods[f"{name}+refined"] = PhysicsRefined(methods[name], RefineOptions(max_iterations=args.refine_iterations))
+        for model in (args.refine_model or ["voxels"]) if args.refine_iterations else ():
+            row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}")
+            methods[row] = PhysicsRefined(methods[name], RefineOptions(max_iterations=args.refine_iterations, model=model))
     rows = []
     print("| sample | method | physics | PSNR n_e / n_o (dB) | core n_e / n_o | isotropic core abs(n_e − n_o) "
           "| director error (deg) |")

@@ -56,6 +56,13 @@ def test_touching_particles_split_with_their_own_levels_and_rebuild_the_truth(to
     assert rebuilt.parameters["particles"]["count"] == 2
 
 
+def test_a_droplet_too_small_for_a_core_keeps_its_birefringence():
+    g = preset("small")
+    small = Droplet((0.0, 0.0, 0.0), 0.16e-6, (1.0, 0.0, 0.0), "uniform", 1.568, 1.547)
+    particles = segment_particles(droplet_sample([small], g).truth())
+    assert particles.count == 1 and particles.ne[0] - particles.no[0] > 0.01
+
+
 def test_a_noisy_reconstruction_becomes_uniform_particles(touching_pair):
     g, droplets, truth = touching_pair
     rng = np.random.default_rng(1)

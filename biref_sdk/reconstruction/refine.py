@@ -4,25 +4,30 @@ A network (or the formula) gives a volume; the measured scattered fields of all 
 it is from explaining the acquisition (:mod:`.consistency`, the same fields and fits). The
 refinement moves the volume until it explains them as well as the camera noise allows:
 
-* **What moves.** Only voxels near the particles of the starting volume (where
+* **What moves** (``model="voxels"``, the default). Only voxels near the particles of the start (where
   ``|n_e - n_m| + |n_o - n_m|`` exceeds ``mask_threshold``, grown by ``mask_growth_voxels``); the
   medium stays where the start put it. Each voxel is ``eps = n_o^2 I + w w^T`` with
   ``w = sqrt(n_e^2 - n_o^2) d``: uniaxial by construction with ``n_e >= n_o``, sign-free in the
   director, and a voxel the start calls isotropic stays isotropic (its gradient in ``w`` is 0).
 * **Or particles** (``model="particles"``): each particle of the start is one material
-  (:mod:`.particles`), and the fit moves its two levels, ``n_o`` and ``sqrt(n_e^2 - n_o^2)``, and
-  every voxel's occupancy ``f`` and director: ``eps = n_m^2 I + f (eps_k(d) - n_m^2 I)``. That is
-  four numbers per voxel fewer to fit from the same fields, and a prior the fields cannot give
-  (the missing cone): a voxel is particle or medium, the double well ``16 f^2 (1 - f)^2``, weighted
-  so that a region of half-full voxels costs ``binary_weight`` x the noise's residual. An isotropic
-  particle stays isotropic. The levels step ``level_step_scale`` of a voxel's (a level moves
-  thousands of voxels at once). Measured on the held-out sets: docs/reconstruction.md.
+  (:mod:`.particles`: the start is first rebuilt so), and the fit moves its two levels, ``n_o``
+  and ``sqrt(n_e^2 - n_o^2)``, and every voxel's director, in
+  ``eps = n_m^2 I + f (eps_k(d) - n_m^2 I)``. Two numbers per particle instead of two per voxel:
+  the fields fix them far better. The occupancy ``f`` (the shapes) stays the start's unless
+  ``fit_occupancy``: the fields hardly constrain a surface along the axis (the missing cone), and
+  on the network's volumes fitting it lowered n_e (docs/reconstruction.md); on a sphere whose
+  size is wrong, with exact Mie fields, it recovers the size (tests/test_particles.py). It then
+  carries a prior that a voxel is particle or medium, the double well ``16 f^2 (1 - f)^2``,
+  weighted so that a region of half-full voxels costs ``binary_weight`` x the noise's residual,
+  and a penalty on ``f`` outside [0, 1]. An isotropic particle stays isotropic. The levels step
+  ``level_step_scale`` of a voxel's (a level moves thousands of voxels at once).
 * **Preconditioning.** The fields are far more sensitive to ``n_o`` (the mean phase) than to ``w``
   (the retardance), so plain gradients move ``n_o`` to absorb the birefringence's errors; ``w``
   is optimised as ``w / birefringence_step_scale``. Measured on a droplet of the single-droplet set
   (scale 1 against 30): n_o -4.5 dB against +1.4 dB, director 7.6 deg against 3.5 deg.
-* **Optimiser.** L-BFGS with a strong-Wolfe line search (up to 5 trial steps) on the relative residual
-  ``sum ||S_m - S_s||^2 / sum ||S_m||^2`` over all received views (on the volume's footprint).
+* **Optimiser.** L-BFGS with a strong-Wolfe line search (up to 5 trial steps) on the relative
+  residual ``sum ||S_m - S_s||^2 / sum ||S_m||^2`` over all received views (on the volume's
+  footprint).
   Gradients come through :meth:`~biref_sdk.physics.MultiSlice.transmit_differentiable`, in
   ``view_groups`` groups of views, which bounds autograd's memory.
 * **Stop** (the discrepancy principle): once the residual is at the noise's own, ``||noise||^2 /
