@@ -45,11 +45,14 @@ def main() -> int:
                         help="also each model refined against the measured fields (at most N steps; 0: off)")
     parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
                         help="what the refinement moves: voxels, particles (repeatable; default voxels)")
+    parser.add_argument("--uniform-particles", action="store_true",
+                        help="also each model's volumes rebuilt as particles of one material each")
     parser.add_argument("--out", help="JSON output file")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from biref_sdk.evaluation import evaluate
     from biref_sdk.reconstruction import get_reconstructor
+    from biref_sdk.reconstruction.particles import UniformParticles
     from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
     load_before = os.getloadavg()
@@ -57,6 +60,8 @@ def main() -> int:
     for spec in args.model:
         name, _, path = spec.partition("=")
         reconstructors[name] = get_reconstructor("model", model=path)
+        if args.uniform_particles:
+            reconstructors[f"{name}+particles"] = UniformParticles(reconstructors[name])
         for model in (args.refine_model or ["voxels"]) if args.refine_iterations else ():
             row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}")
             reconstructors[row] = PhysicsRefined(reconstructors[name],

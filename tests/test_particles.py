@@ -146,3 +146,40 @@ def test_reconstruct_refines_particles_on_request(tmp_path, capsys):
     assert report["model"] == "particles" and report["steps"] == 1 and report["particles"]["count"] >= 1
     assert report["residual_squared"][1] < report["residual_squared"][0]
     assert "refinement           residual^2" in capsys.readouterr().out
+
+
+def test_the_service_publishes_uniform_particles_as_offline(tmp_path):
+    from biref_sdk.reconstruction.particles import UniformParticles
+    from biref_sdk.simulate import Simulator
+    from biref_sdk.streaming.service import AcquisitionService
+
+    g = preset("small")
+    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
+    acquisition = Simulator(g).acquire(droplet_sample([droplet], g), seed=2)
+    formula = get_reconstructor("formula")
+    offline = uniform_particles(formula.reconstruct(acquisition))
+    reconstructor = UniformParticles(formula)
+    assert reconstructor.name == "formula+particles"
+    with AcquisitionService(reconstructor) as service:
+        handle = service.open("a", g, background=acquisition.background)
+        for p in range(2):
+            for v in range(g.n_views):
+                handle.add_view(p, v, acquisition.holograms[p, v])
+        result = handle.result(120)
+    np.testing.assert_array_equal(result.volume.ne, offline.ne)
+    np.testing.assert_array_equal(result.volume.no, offline.no)
+    assert result.volume.parameters["particles"] == offline.parameters["particles"]
+
+
+def test_reconstruct_rebuilds_uniform_particles_on_request(tmp_path):
+    from biref_sdk.cli import main
+    from biref_sdk.files import read_volume, write_acquisition
+    from biref_sdk.simulate import Simulator
+
+    g = preset("small")
+    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
+    write_acquisition(tmp_path / "a.h5", Simulator(g).acquire(droplet_sample([droplet], g), seed=2))
+    assert main(["reconstruct", str(tmp_path / "a.h5"), "--method", "model", "--uniform-particles",
+                 "--out", str(tmp_path / "v.h5")]) == 0
+    volume = read_volume(tmp_path / "v.h5")
+    assert volume.parameters["particles"]["count"] == 1 and volume.consistency is not None  # scores what it publishes

@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     methods = list(dict.fromkeys(args.methods or ["formula"]))
     reconstructors = build_reconstructors(methods, args)
-    if args.refine_iterations:
-        reconstructors = {f"{method}+refined": r for method, r in reconstructors.items()}
+    suffix = ("+refined" if args.refine_iterations else "") + ("+particles" if args.uniform_particles else "")
+    reconstructors = {f"{method}{suffix}": r for method, r in reconstructors.items()}
     results = evaluate(args.dataset, reconstructors, limit=args.limit, progress=args.progress)
     print(to_json(results) if args.json else format_table(results))
     return 0

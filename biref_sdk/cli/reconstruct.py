@@ -70,7 +70,11 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
                             "refinement; about a minute on two CPU cores); 0: off (default)")
         p.add_argument("--refine-model", choices=("voxels", "particles"), default="voxels",
                        help="what the refinement moves: every voxel's indices and director (voxels, default), or "
-                            "particles of one material each, their levels and shapes (particles)")
+                            "particles of one material each, their levels and the director (particles)")
+    p.add_argument("--uniform-particles", action="store_true",
+                   help="rebuild each volume as particles of one material each: one (n_e, n_o) per particle, "
+                        "its shape from the volume (docs/reconstruction.md, Uniform particles); for droplets "
+                        "and beads of one material, not for cells")
     p.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="a method option, e.g. formula.constraint_iterations=10 or "
                         "formula.index_bounds=(1.54,1.57); repeatable (docs/reconstruction.md)")
@@ -107,6 +111,10 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
             built[method] = PhysicsRefined(built[method], RefineOptions(max_iterations=refine_iterations,
                                                                         model=args.refine_model),
                                            device=args.device)
+        if args.uniform_particles:  # after the refinement, before the check that scores what is published
+            from ..reconstruction.particles import UniformParticles
+
+            built[method] = UniformParticles(built[method])
         if args.consistency_views:
             from ..reconstruction.consistency import ConsistencyChecked
 
