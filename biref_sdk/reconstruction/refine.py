@@ -54,8 +54,10 @@ import torch
 
 from ..files import Volume
 from ..geometry import Geometry
+from ..samples.tensor import _PAIRS, eps6_to_volume
 from .base import ReconstructionSession, Reconstructor
 from .consistency import ConsistencyCheck
+from .particles import ParticleMap, particle_report, segment_particles
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +270,6 @@ class _VoxelFit:
         self.parameters = [self._no_free, self._w_free]
 
     def eps6(self) -> torch.Tensor:
-        from ..samples.tensor import _PAIRS
-
         no = self._no_start + self._smooth(self._no_free[None])[0] * self._inside
         w = self._w_start + self._smooth(self._w_free) * (self._inside * self._scale)
         return torch.stack([no**2 * (i == j) + w[i] * w[j] for i, j in _PAIRS])
@@ -278,8 +278,6 @@ class _VoxelFit:
         return torch.zeros(())
 
     def volume(self) -> Volume:
-        from ..samples.tensor import eps6_to_volume
-
         return eps6_to_volume(self.eps6(), self._voxel_size_m, self._medium_index)
 
     def report(self) -> dict:
@@ -291,8 +289,6 @@ class _ParticleFit:
     director (:mod:`.particles`), with a prior that pulls the occupancy to 0 or 1."""
 
     def __init__(self, volume: Volume, opts: RefineOptions, device) -> None:
-        from .particles import segment_particles
-
         particles = segment_particles(volume, growth_voxels=opts.mask_growth_voxels)
         if particles.count == 0:
             raise ValueError("the start volume holds no particle to fit")
@@ -313,7 +309,7 @@ class _ParticleFit:
         self._binary_weight = opts.binary_weight
         self._fit_occupancy = opts.fit_occupancy
         self._levels_free = torch.zeros(2, particles.count, device=device, requires_grad=True)
-        self._f_free = torch.zeros_like(self._f_start, requires_grad=True)
+        self._f_free = torch.zeros_like(self._f_start, requires_grad=opts.fit_occupancy)
         self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
         self.parameters = [self._levels_free, self._director_free] + ([self._f_free] if opts.fit_occupancy else [])
 
@@ -325,8 +321,6 @@ class _ParticleFit:
         return no, b, f, d / d.norm(dim=0, keepdim=True).clamp_min(1e-6)
 
     def eps6(self) -> torch.Tensor:
-        from ..samples.tensor import _PAIRS
-
         no, b, f, d = self._state()
         medium = self._medium_index**2
         isotropic = medium + (no[self._level] ** 2 - medium) * f * self._inside
@@ -346,9 +340,7 @@ class _ParticleFit:
         beyond = ((f - f.clamp(0, 1)) ** 2 * self._inside).sum() / voxels
         return self._binary_weight * floor * well + beyond
 
-    def _fitted(self):
-        from .particles import ParticleMap
-
+    def _fitted(self) -> ParticleMap:
         no, b, f, _ = self._state()
         return ParticleMap(owner=self._particles.owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
                            ne=torch.sqrt(no**2 + b**2).detach().double().cpu().numpy(),
@@ -361,8 +353,6 @@ class _ParticleFit:
                       medium_index=self._medium_index)
 
     def report(self) -> dict:
-        from .particles import particle_report
-
         return {"particles": particle_report(self._fitted())}
 
 
