@@ -45,3 +45,24 @@ def save_json(path, results: dict, load_before=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(load_before), "code": code_version(), **results}, indent=2))
     return path
+
+
+def add_refine_arguments(parser) -> None:
+    """The physics refinement's options, as every benchmark that compares it names them."""
+    parser.add_argument("--refine-iterations", type=int, default=0, metavar="N",
+                        help="also each model refined against the measured fields (at most N steps; 0: off)")
+    parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
+                        help="what the refinement moves: voxels, particles (repeatable; default voxels)")
+
+
+def refined_variants(name: str, reconstructor, args) -> dict:
+    """``{row name: reconstructor}``: ``reconstructor`` refined with each ``--refine-model``
+    (``NAME+refined`` for voxels, ``NAME+refined-MODEL`` otherwise); empty without
+    ``--refine-iterations``."""
+    from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
+
+    if not args.refine_iterations:
+        return {}
+    return {f"{name}+refined" + ("" if model == "voxels" else f"-{model}"):
+            PhysicsRefined(reconstructor, RefineOptions(max_iterations=args.refine_iterations, model=model))
+            for model in args.refine_model or ["voxels"]}

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, machine  # noqa: E402
+from _common import add_refine_arguments, code_version, machine, refined_variants  # noqa: E402
 
 COLUMNS = (("PSNR n_e / n_o (dB)", ("psnr_ne", "psnr_no"), "{:.2f}"), ("SSIM n_e / n_o", ("ssim_ne", "ssim_no"), "{:.3f}"),
            ("RMSE n_e / n_o", ("rmse_ne", "rmse_no"), "{:.5f}"), ("director (°)", ("director_error_deg",), "{:.1f}"),
@@ -41,10 +41,7 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE")
     parser.add_argument("--pattern", default="test_*.h5")
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--refine-iterations", type=int, default=0, metavar="N",
-                        help="also each model refined against the measured fields (at most N steps; 0: off)")
-    parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
-                        help="what the refinement moves: voxels, particles (repeatable; default voxels)")
+    add_refine_arguments(parser)
     parser.add_argument("--uniform-particles", action="store_true",
                         help="also each model's volumes rebuilt as particles of one material each")
     parser.add_argument("--out", help="JSON output file")
@@ -53,7 +50,6 @@ def main() -> int:
     from biref_sdk.evaluation import evaluate
     from biref_sdk.reconstruction import get_reconstructor
     from biref_sdk.reconstruction.particles import UniformParticles
-    from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
     load_before = os.getloadavg()
     reconstructors = {"formula": get_reconstructor("formula")}
@@ -62,10 +58,7 @@ def main() -> int:
         reconstructors[name] = get_reconstructor("model", model=path)
         if args.uniform_particles:
             reconstructors[f"{name}+particles"] = UniformParticles(reconstructors[name])
-        for model in (args.refine_model or ["voxels"]) if args.refine_iterations else ():
-            row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}")
-            reconstructors[row] = PhysicsRefined(reconstructors[name],
-                                                 RefineOptions(max_iterations=args.refine_iterations, model=model))
+        reconstructors.update(refined_variants(name, reconstructors[name], args))
     tables = {}
     for path in sorted(Path(args.data_dir).glob(args.pattern)):
         tables[path.stem] = evaluate(path, reconstructors, limit=args.limit)

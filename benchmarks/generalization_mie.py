@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import code_version, machine  # noqa: E402
+from _common import add_refine_arguments, code_version, machine, refined_variants  # noqa: E402
 
 # (radius in m, index): the sphere, small and large, and one below the LC's n_o range
 SPHERES = ((0.9e-6, 1.552), (0.6e-6, 1.545), (1.2e-6, 1.560), (0.9e-6, 1.5415))
@@ -92,25 +92,19 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE")
     parser.add_argument("--lc", action="store_true", help="also liquid-crystal droplets by the dipole reference")
     parser.add_argument("--no-spheres", action="store_true", help="skip the Mie spheres")
-    parser.add_argument("--refine-iterations", type=int, default=0, metavar="N",
-                        help="also each model refined against the measured fields (at most N steps; 0: off)")
-    parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
-                        help="what the refinement moves: voxels, particles (repeatable; default voxels)")
+    add_refine_arguments(parser)
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from biref_sdk.metrics import compare_volumes
     from biref_sdk.reconstruction import get_reconstructor
-    from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
     load_before = os.getloadavg()
     methods = {"formula": get_reconstructor("formula")}
     for spec in args.model:
         name, _, path = spec.partition("=")
         methods[name] = get_reconstructor("model", model=path)
-        for model in (args.refine_model or ["voxels"]) if args.refine_iterations else ():
-            row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}")
-            methods[row] = PhysicsRefined(methods[name], RefineOptions(max_iterations=args.refine_iterations, model=model))
+        methods.update(refined_variants(name, methods[name], args))
     rows = []
     print("| sample | method | physics | PSNR n_e / n_o (dB) | core n_e / n_o | isotropic core abs(n_e − n_o) "
           "| director error (deg) |")

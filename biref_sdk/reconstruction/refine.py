@@ -180,7 +180,8 @@ class Refiner:
 
         fit = (_ParticleFit if opts.model == "particles" else _VoxelFit)(volume, opts, self.device)
         medium = self.geometry.medium_index**2
-        start_eps = fit.eps6().detach()
+        with torch.no_grad():
+            start_eps = fit.eps6()
         # every voxel the fit may change, and every one the start already holds
         active = fit.region | ((start_eps[:3] - medium).abs().amax(0) + start_eps[3:].abs().amax(0) > 1e-7)
 
