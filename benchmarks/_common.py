@@ -53,6 +53,8 @@ def add_refine_arguments(parser) -> None:
                         help="also each model refined against the measured fields (at most N steps; 0: off)")
     parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
                         help="what the refinement moves: voxels, particles (repeatable; default voxels)")
+    parser.add_argument("--particle-shape", choices=("spheroid", "voxels"), default="spheroid",
+                        help="the particles' shapes (uniform particles, particle refinement; default spheroid)")
 
 
 def refined_variants(name: str, reconstructor, args) -> dict:
@@ -64,5 +66,6 @@ def refined_variants(name: str, reconstructor, args) -> dict:
     if not args.refine_iterations:
         return {}
     return {f"{name}+refined" + ("" if model == "voxels" else f"-{model}"):
-            PhysicsRefined(reconstructor, RefineOptions(max_iterations=args.refine_iterations, model=model))
+            PhysicsRefined(reconstructor, RefineOptions(max_iterations=args.refine_iterations, model=model,
+                                                       particle_shape=args.particle_shape))
             for model in args.refine_model or ["voxels"]}

@@ -57,7 +57,7 @@ def main() -> int:
         name, _, path = spec.partition("=")
         reconstructors[name] = get_reconstructor("model", model=path)
         if args.uniform_particles:
-            reconstructors[f"{name}+particles"] = UniformParticles(reconstructors[name])
+            reconstructors[f"{name}+particles"] = UniformParticles(reconstructors[name], shape=args.particle_shape)
         reconstructors.update(refined_variants(name, reconstructors[name], args))
     tables = {}
     for path in sorted(Path(args.data_dir).glob(args.pattern)):

@@ -14,9 +14,10 @@ from biref_sdk.files import Volume
 from biref_sdk.geometry import preset
 from biref_sdk.metrics import psnr
 from biref_sdk.reconstruction import get_reconstructor
-from biref_sdk.reconstruction.particles import label_components, segment_particles, uniform_particles
+from biref_sdk.reconstruction.particles import label_components, moment_spheroid, segment_particles, uniform_particles
 from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions, Refiner
 from biref_sdk.samples import Droplet, droplet_sample
+from biref_sdk.samples.tensor import voxelize_droplets
 
 from mie_acquisition import CASES, mie_acquisition
 
@@ -54,6 +55,51 @@ def test_touching_particles_split_with_their_own_levels_and_rebuild_the_truth(to
     rebuilt = uniform_particles(truth)
     assert psnr(truth.ne, rebuilt.ne) > 45 and psnr(truth.no, rebuilt.no) > 45
     assert rebuilt.parameters["particles"]["count"] == 2
+
+
+@pytest.mark.parametrize("aspect", [1.0, 1.4, 0.7])
+def test_the_moment_spheroid_of_a_voxelized_spheroid_is_that_spheroid(aspect):
+    g = preset("small")
+    nm, index = g.medium_index, 1.56
+    droplet = Droplet((0.13e-6, -0.21e-6, 0.07e-6), 0.55e-6 / max(aspect, 1.0) ** 0.5, (0.3, 0.5, 0.8), "uniform",
+                      index, index, aspect=aspect)
+    eps = voxelize_droplets([droplet], g.volume_shape, g.voxel_size_m, nm)[0].double().numpy()
+    found = moment_spheroid((eps - nm**2) / (index**2 - nm**2), g.voxel_size_m, nm, sphere_tolerance=0.1)
+    np.testing.assert_allclose(found.center_m, droplet.center_m, atol=0.05 * min(g.voxel_size_m))
+    assert found.radius_m == pytest.approx(droplet.radius_m, rel=0.01)
+    assert found.aspect == pytest.approx(aspect, rel=0.02)
+    if aspect != 1.0:
+        assert abs(np.dot(found.axis, droplet.axis)) > math.cos(math.radians(2))
+
+
+def test_spheroid_shapes_undo_a_wandering_surface():
+    """A droplet whose contrast wanders by a smooth 20 % (as a reconstruction's surface does): its
+    moment sphere puts the surface back where it was; reading the occupancy off the volume cannot."""
+    g = preset("small")
+    nm = g.medium_index
+    truth = droplet_sample([Droplet((0.13e-6, -0.21e-6, 0.07e-6), 0.9e-6, (0.3, 0.5, 0.8), "bipolar", 1.566, 1.548)],
+                           g).truth()
+    noise = ndimage.gaussian_filter(np.random.default_rng(2).normal(size=truth.ne.shape), (1, 2, 2))
+    wander = 1 + 0.2 * noise / noise.std()
+    wobbly = Volume((nm + (truth.ne - nm) * wander).astype(np.float32), (nm + (truth.no - nm) * wander).astype(np.float32),
+                    truth.director, truth.voxel_size_m, nm)
+    spheroid, voxels = uniform_particles(wobbly), uniform_particles(wobbly, shape="voxels")
+    assert spheroid.parameters["particles"]["shapes"] == ["sphere"]
+    assert psnr(truth.ne, spheroid.ne) > max(38.0, psnr(truth.ne, voxels.ne) + 3)
+    assert psnr(truth.no, spheroid.no) > psnr(truth.no, voxels.no) + 3
+
+
+def test_a_particle_unlike_a_spheroid_keeps_its_own_shape():
+    g = preset("small")
+    nm = g.medium_index
+    block = np.full(g.volume_shape, nm, np.float32)
+    block[10:20, 20:44, 20:30] = block[10:20, 20:30, 30:44] = nm + 0.01  # an L: no spheroid fits it
+    volume = Volume(block, block.copy(), np.zeros((3, *g.volume_shape), np.float32), g.voxel_size_m, nm)
+    particles = segment_particles(volume)
+    assert particles.count >= 1 and set(particles.shapes) == {"voxels"}
+    np.testing.assert_array_equal(uniform_particles(volume).ne, uniform_particles(volume, shape="voxels").ne)
+    with pytest.raises(ValueError, match="shape"):
+        segment_particles(volume, shape="cube")
 
 
 def test_a_droplet_too_small_for_a_core_keeps_its_birefringence():
@@ -100,7 +146,8 @@ def test_the_particles_fit_recovers_a_spheres_index_from_exact_mie_fields():
     assert report["model"] == "particles" and report["particles"]["count"] == 1
     (fitted_ne,), (fitted_no,) = report["particles"]["ne"], report["particles"]["no"]
     assert fitted_ne == fitted_no and abs(fitted_no - index) < 0.001  # isotropic, at the true index
-    np.testing.assert_array_equal(refined.no > g.medium_index, start.no > g.medium_index)  # the shape stays
+    # the shape stays the start's (its moment sphere: the start is voxelized without partial volumes)
+    np.testing.assert_array_equal(refined.no > g.medium_index, uniform_particles(start).no > g.medium_index)
 
 
 def test_the_particles_fit_with_occupancy_recovers_a_spheres_size_from_exact_mie_fields():
@@ -179,7 +226,9 @@ def test_reconstruct_rebuilds_uniform_particles_on_request(tmp_path):
     g = preset("small")
     droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
     write_acquisition(tmp_path / "a.h5", Simulator(g).acquire(droplet_sample([droplet], g), seed=2))
-    assert main(["reconstruct", str(tmp_path / "a.h5"), "--method", "model", "--uniform-particles",
-                 "--out", str(tmp_path / "v.h5")]) == 0
-    volume = read_volume(tmp_path / "v.h5")
-    assert volume.parameters["particles"]["count"] == 1 and volume.consistency is not None  # scores what it publishes
+    for shape, expected in (("spheroid", ["sphere"]), ("voxels", ["voxels"])):
+        assert main(["reconstruct", str(tmp_path / "a.h5"), "--method", "model", "--uniform-particles",
+                     "--particle-shape", shape, "--out", str(tmp_path / "v.h5")]) == 0
+        volume = read_volume(tmp_path / "v.h5")
+        assert volume.parameters["particles"]["count"] == 1 and volume.consistency is not None  # scores what it publishes
+        assert volume.parameters["particles"]["shapes"] == expected

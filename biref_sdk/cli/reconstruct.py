@@ -75,6 +75,10 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
                    help="rebuild each volume as particles of one material each: one (n_e, n_o) per particle, "
                         "its shape from the volume (docs/reconstruction.md, Uniform particles); for droplets "
                         "and beads of one material, not for cells")
+    p.add_argument("--particle-shape", choices=("spheroid", "voxels"), default="spheroid",
+                   help="the shapes of --uniform-particles and --refine-model particles: each particle the "
+                        "spheroid of its moments where that fits it (spheroid, default), or its occupancy as "
+                        "read off the volume (voxels)")
     p.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="a method option, e.g. formula.constraint_iterations=10 or "
                         "formula.index_bounds=(1.54,1.57); repeatable (docs/reconstruction.md)")
@@ -109,12 +113,13 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
             from ..reconstruction.refine import PhysicsRefined, RefineOptions
 
             built[method] = PhysicsRefined(built[method], RefineOptions(max_iterations=refine_iterations,
-                                                                        model=args.refine_model),
+                                                                        model=args.refine_model,
+                                                                        particle_shape=args.particle_shape),
                                            device=args.device)
         if args.uniform_particles:  # after the refinement, before the check that scores what is published
             from ..reconstruction.particles import UniformParticles
 
-            built[method] = UniformParticles(built[method])
+            built[method] = UniformParticles(built[method], shape=args.particle_shape)
         if args.consistency_views:
             from ..reconstruction.consistency import ConsistencyChecked
 

@@ -57,7 +57,7 @@ from ..geometry import Geometry
 from ..samples.tensor import _PAIRS, eps6_to_volume
 from .base import ReconstructionSession, Reconstructor
 from .consistency import ConsistencyCheck
-from .particles import ParticleMap, particle_report, segment_particles
+from .particles import SHAPES, ParticleMap, particle_report, segment_particles
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,13 @@ class RefineOptions:
     level_step_scale: float = 3.3e-4  # particles: their levels' step against a voxel's (preconditioning)
     fit_occupancy: bool = False      # particles: fit the shapes too (the start's otherwise; docstring)
     binary_weight: float = 1.0       # particles: the prior that a voxel is particle or medium, in noise units
+    particle_shape: str = "spheroid"  # particles: the start's shapes, "spheroid" or "voxels" (.particles)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.particle_shape not in SHAPES:
+            raise ValueError(f"particle_shape must be one of {SHAPES}, got {self.particle_shape!r}")
         if not self.level_step_scale > 0 or self.binary_weight < 0:
             raise ValueError("level_step_scale must be > 0 and binary_weight >= 0")
         if self.max_iterations < 0:
@@ -290,7 +293,7 @@ class _ParticleFit:
     director (:mod:`.particles`), with a prior that pulls the occupancy to 0 or 1."""
 
     def __init__(self, volume: Volume, opts: RefineOptions, device) -> None:
-        particles = segment_particles(volume, growth_voxels=opts.mask_growth_voxels)
+        particles = segment_particles(volume, growth_voxels=opts.mask_growth_voxels, shape=opts.particle_shape)
         if particles.count == 0:
             raise ValueError("the start volume holds no particle to fit")
         self._particles = particles
@@ -345,7 +348,7 @@ class _ParticleFit:
         no, b, f, _ = self._state()
         return ParticleMap(owner=self._particles.owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
                            ne=torch.sqrt(no**2 + b**2).detach().double().cpu().numpy(),
-                           no=no.detach().double().cpu().numpy())
+                           no=no.detach().double().cpu().numpy(), shapes=self._particles.shapes)
 
     def volume(self) -> Volume:
         ne, no = self._fitted().indices(self._medium_index)
