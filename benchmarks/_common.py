@@ -53,19 +53,26 @@ def add_refine_arguments(parser) -> None:
                         help="also each model refined against the measured fields (at most N steps; 0: off)")
     parser.add_argument("--refine-model", action="append", choices=("voxels", "particles"), metavar="MODEL",
                         help="what the refinement moves: voxels, particles (repeatable; default voxels)")
+    parser.add_argument("--refine-shapes", action="store_true",
+                        help="the particles model also fits each spheroid's centre, size, axis and aspect")
     parser.add_argument("--particle-shape", choices=("spheroid", "voxels"), default="spheroid",
                         help="the particles' shapes (uniform particles, particle refinement; default spheroid)")
 
 
 def refined_variants(name: str, reconstructor, args) -> dict:
     """``{row name: reconstructor}``: ``reconstructor`` refined with each ``--refine-model``
-    (``NAME+refined`` for voxels, ``NAME+refined-MODEL`` otherwise); empty without
+    (``NAME+refined`` for voxels, ``NAME+refined-MODEL`` otherwise, ``-shapes`` added when the
+    particles' shapes are fitted too); empty without
     ``--refine-iterations``."""
     from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
     if not args.refine_iterations:
         return {}
-    return {f"{name}+refined" + ("" if model == "voxels" else f"-{model}"):
-            PhysicsRefined(reconstructor, RefineOptions(max_iterations=args.refine_iterations, model=model,
-                                                       particle_shape=args.particle_shape))
-            for model in args.refine_model or ["voxels"]}
+    variants = {}
+    for model in args.refine_model or ["voxels"]:
+        shapes = args.refine_shapes and model == "particles"
+        row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}") + ("-shapes" if shapes else "")
+        variants[row] = PhysicsRefined(reconstructor, RefineOptions(
+            max_iterations=args.refine_iterations, model=model, particle_shape=args.particle_shape,
+            fit_shapes=shapes))
+    return variants

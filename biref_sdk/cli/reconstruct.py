@@ -71,6 +71,9 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
         p.add_argument("--refine-model", choices=("voxels", "particles"), default="voxels",
                        help="what the refinement moves: every voxel's indices and director (voxels, default), or "
                             "particles of one material each, their levels and the director (particles)")
+        p.add_argument("--refine-shapes", action="store_true",
+                       help="with --refine-model particles: fit each spheroid's centre and size (and axis "
+                            "and aspect) to the fields too")
     p.add_argument("--uniform-particles", action="store_true",
                    help="rebuild each volume as particles of one material each: one (n_e, n_o) per particle, "
                         "its shape from the volume (docs/reconstruction.md, Uniform particles); for droplets "
@@ -114,7 +117,8 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
 
             built[method] = PhysicsRefined(built[method], RefineOptions(max_iterations=refine_iterations,
                                                                         model=args.refine_model,
-                                                                        particle_shape=args.particle_shape),
+                                                                        particle_shape=args.particle_shape,
+                                                                        fit_shapes=args.refine_shapes),
                                            device=args.device)
         if args.uniform_particles:  # after the refinement, before the check that scores what is published
             from ..reconstruction.particles import UniformParticles

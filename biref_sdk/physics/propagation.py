@@ -228,13 +228,15 @@ class MultiSlice:
         # other pitch: resample each slice onto the camera pixels covering the volume
         y_cam, x_cam = g.hologram_coordinates_m()
         half_y, half_x = Y * dy / 2, X * dx / 2
-        rows = np.flatnonzero(np.abs(y_cam + 0.0) < half_y)
-        cols = np.flatnonzero(np.abs(x_cam + 0.0) < half_x)
+        # voxel i's centre is at (i - n/2) d (Geometry.volume_coordinates_m): the volume spans
+        # [-half - d/2, half - d/2), and grid_sample (align_corners=False) puts index i at the
+        # normalised (2 i + 1) / n - 1 = y / half + 1 / n
+        rows = np.flatnonzero(np.abs(y_cam + dy / 2) < half_y)
+        cols = np.flatnonzero(np.abs(x_cam + dx / 2) < half_x)
         if rows.size == 0 or cols.size == 0 or half_y > H * g.pixel_size_m / 2 + 1e-12 or half_x > W * g.pixel_size_m / 2 + 1e-12:
             raise ValueError("the volume does not fit in the camera field of view")
-        # normalised coordinates of voxel centres for grid_sample (align_corners=False convention)
-        gy = torch.as_tensor(y_cam[rows] / half_y, dtype=torch.float32)
-        gx = torch.as_tensor(x_cam[cols] / half_x, dtype=torch.float32)
+        gy = torch.as_tensor(y_cam[rows] / half_y + 1 / Y, dtype=torch.float32)
+        gx = torch.as_tensor(x_cam[cols] / half_x + 1 / X, dtype=torch.float32)
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)  # (x, y) order
         grid = grid[None].expand(Z, -1, -1, -1)
         resampled = torch.nn.functional.grid_sample(eps6.permute(1, 0, 2, 3).float(), grid, mode="bilinear",

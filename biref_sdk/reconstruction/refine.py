@@ -78,14 +78,18 @@ class RefineOptions:
     fit_occupancy: bool = False      # particles: fit the shapes too (the start's otherwise; docstring)
     binary_weight: float = 1.0       # particles: the prior that a voxel is particle or medium, in noise units
     particle_shape: str = "spheroid"  # particles: the start's shapes, "spheroid" or "voxels" (.particles)
+    fit_shapes: bool = False         # particles: fit each spheroid's centre, size (and axis, aspect) too
+    shape_step_scale: float = 0.05   # particles: a shape parameter's step, in voxels of surface motion
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.particle_shape not in SHAPES:
             raise ValueError(f"particle_shape must be one of {SHAPES}, got {self.particle_shape!r}")
-        if not self.level_step_scale > 0 or self.binary_weight < 0:
-            raise ValueError("level_step_scale must be > 0 and binary_weight >= 0")
+        if self.fit_shapes and self.fit_occupancy:
+            raise ValueError("fit_shapes and fit_occupancy are two ways to move the shapes: choose one")
+        if not self.level_step_scale > 0 or self.binary_weight < 0 or not self.shape_step_scale > 0:
+            raise ValueError("level_step_scale and shape_step_scale must be > 0 and binary_weight >= 0")
         if self.max_iterations < 0:
             raise ValueError("max_iterations must be >= 0")
         if self.view_groups < 1:
@@ -316,11 +320,20 @@ class _ParticleFit:
         self._f_free = torch.zeros_like(self._f_start, requires_grad=opts.fit_occupancy)
         self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
         self.parameters = [self._levels_free, self._director_free] + ([self._f_free] if opts.fit_occupancy else [])
+        self._spheroids = _SpheroidShapes(particles, volume.voxel_size_m, opts, device) if opts.fit_shapes else None
+        if self._spheroids is not None and self._spheroids.count:
+            self.parameters.append(self._spheroids.free)
+            owner = torch.as_tensor(self._spheroids.owner, device=device)
+            self.region = owner > 0
+            self._inside = self.region.to(torch.float32)
+            self._level = (owner - 1).clamp_min(0)
 
     def _state(self):
         no = self._no_start + self._levels_free[0] * self._level_step
         b = self._b_start + self._levels_free[1] * (self._level_step * self._scale)
         f = self._f_start + self._f_free * self._inside
+        if self._spheroids is not None:
+            f = self._spheroids.paint(f)
         d = self._director_start + self._director_free * self._inside
         return no, b, f, d / d.norm(dim=0, keepdim=True).clamp_min(1e-6)
 
@@ -346,7 +359,8 @@ class _ParticleFit:
 
     def _fitted(self) -> ParticleMap:
         no, b, f, _ = self._state()
-        return ParticleMap(owner=self._particles.owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
+        owner = self._particles.owner if self._spheroids is None else self._spheroids.owner
+        return ParticleMap(owner=owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
                            ne=torch.sqrt(no**2 + b**2).detach().double().cpu().numpy(),
                            no=no.detach().double().cpu().numpy(), shapes=self._particles.shapes)
 
@@ -357,7 +371,87 @@ class _ParticleFit:
                       medium_index=self._medium_index)
 
     def report(self) -> dict:
-        return {"particles": particle_report(self._fitted())}
+        report = {"particles": particle_report(self._fitted())}
+        if self._spheroids is not None:
+            report["particles"]["spheroids"] = self._spheroids.report()
+        return report
+
+
+class _SpheroidShapes:
+    """The ``fit_shapes`` parameters: each spheroid particle's centre, equatorial radius and (not for
+    a sphere) aspect and axis, as changes from its start in units of ``shape_step_scale`` voxels of
+    surface motion. Its surface may move into the medium within ``mask_growth_voxels`` of it; the
+    occupancy there is :func:`~.particles.soft_spheroid_occupancy` of the current parameters."""
+
+    MARGIN_VOXELS = 3
+
+    def __init__(self, particles: ParticleMap, voxel_size_m, opts: RefineOptions, device) -> None:
+        from .particles import _dilate
+
+        owner = torch.as_tensor(particles.owner)
+        shape = tuple(owner.shape)
+        voxel = min(voxel_size_m)
+        self._boxes, self._regions, self._coords, starts = [], [], [], []
+        self._ids = []
+        for k, droplet in enumerate(particles.spheroids or (), 1):
+            if droplet is None:
+                continue
+            centre = np.asarray(droplet.center_m[::-1])
+            reach = droplet.bounding_radius_m
+            box = tuple(slice(max(0, int(math.floor((c - reach) / d + n / 2)) - self.MARGIN_VOXELS),
+                              min(n, int(math.ceil((c + reach) / d + n / 2)) + self.MARGIN_VOXELS + 1))
+                        for c, d, n in zip(centre, voxel_size_m, shape))
+            grown = _dilate(owner == k, opts.mask_growth_voxels) & ((owner == k) | (owner == 0))
+            owner[grown] = k
+            self._boxes.append(box)
+            self._regions.append(grown[box].to(device=device, dtype=torch.float32))
+            self._coords.append([torch.as_tensor((np.arange(b.start, b.stop) - n / 2) * d, device=device)
+                                 for b, n, d in zip(box, shape, voxel_size_m)])
+            starts.append((centre, droplet.radius_m, droplet.aspect, np.asarray(droplet.axis[::-1])))
+            self._ids.append(k)
+        self.owner = owner.numpy()
+        self.count = len(self._ids)
+        self._voxel_size_m = tuple(voxel_size_m)
+        self._device = device
+        self._starts = [tuple(torch.as_tensor(np.asarray(x, dtype=np.float64), device=device) for x in start)
+                        for start in starts]
+        # per unit: the centre moves shape_step_scale voxels, the radius as much, the axis and the aspect
+        # so that the surface moves about as much
+        self._unit_m = opts.shape_step_scale * voxel
+        self.free = torch.zeros(self.count, 8, dtype=torch.float64, device=device, requires_grad=True)
+        self._spherical = torch.tensor([start[2] == 1.0 for start in starts], device=device)
+
+    def _parameters(self, i: int):
+        centre, radius, aspect, axis = self._starts[i]
+        free = self.free[i]
+        unit = self._unit_m
+        shape_free = free[4:] * (0.0 if bool(self._spherical[i]) else 1.0)  # a sphere stays a sphere
+        centre = centre + free[:3] * torch.as_tensor(self._voxel_size_m, dtype=free.dtype, device=free.device) \
+            * (unit / min(self._voxel_size_m))
+        radius = radius * torch.exp(free[3] * unit / radius)
+        aspect = aspect * torch.exp(shape_free[0] * unit / radius)
+        axis = axis + shape_free[1:] * unit / radius
+        return centre, radius, aspect, axis / axis.norm()
+
+    def paint(self, occupancy: torch.Tensor) -> torch.Tensor:
+        """``occupancy`` with each spheroid's region holding its soft occupancy."""
+        from .particles import soft_spheroid_occupancy
+
+        occupancy = occupancy.clone()
+        for i, (box, region, coords) in enumerate(zip(self._boxes, self._regions, self._coords)):
+            soft = soft_spheroid_occupancy(*self._parameters(i), coords, self._voxel_size_m).to(occupancy.dtype)
+            occupancy[box] = occupancy[box] * (1 - region) + soft * region
+        return occupancy
+
+    def report(self) -> list[dict]:
+        rows = []
+        with torch.no_grad():
+            for i, k in enumerate(self._ids):
+                centre, radius, aspect, axis = self._parameters(i)
+                rows.append({"particle": k, "center_m": [round(float(c), 10) for c in centre.flip(0)],
+                             "radius_m": round(float(radius), 10), "aspect": round(float(aspect), 4),
+                             "axis": [round(float(a), 4) for a in axis.flip(0)]})
+        return rows
 
 
 class RefinedSession(ReconstructionSession):
