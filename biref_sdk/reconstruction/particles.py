@@ -88,7 +88,7 @@ class ParticleMap:
                 np.where(inside, no, medium_index).astype(np.float32))
 
 
-def _dilate(mask: torch.Tensor, voxels: int = 1) -> torch.Tensor:
+def dilate(mask: torch.Tensor, voxels: int = 1) -> torch.Tensor:
     """Grown by ``voxels`` steps to the 6 face neighbours (within that city-block distance)."""
     grown = mask.clone()
     for _ in range(voxels):
@@ -110,7 +110,7 @@ def _pad(axis: int, before_after: tuple[int, int]) -> tuple[int, ...]:
 
 
 def _erode(mask: torch.Tensor, voxels: int) -> torch.Tensor:
-    return ~_dilate(~mask, voxels) if voxels else mask
+    return ~dilate(~mask, voxels) if voxels else mask
 
 
 def _spread(labels: torch.Tensor, within: torch.Tensor, steps: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxe
     cores_i, count_i = _without_specks(*label_components(core & ~birefringent), min_particle_voxels)
     cores = torch.where(cores_b > 0, cores_b, torch.where(cores_i > 0, cores_i + count_b, 0))
     count = count_b + count_i
-    coreless, count_c = _without_specks(*label_components(mask & ~_dilate(cores > 0, core_erosion_voxels + 1)),
+    coreless, count_c = _without_specks(*label_components(mask & ~dilate(cores > 0, core_erosion_voxels + 1)),
                                         min_particle_voxels)
     cores = torch.where(coreless > 0, coreless + count, cores)
     count += count_c
@@ -182,7 +182,7 @@ def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxe
             ne_k[k - 1] = no_k[k - 1] = float((0.5 * (ne + no))[core_k].median())
         else:
             ne_k[k - 1], no_k[k - 1] = float(ne[core_k].median()), float(no[core_k].median())
-    region = _dilate(mask, growth_voxels) if growth_voxels else mask
+    region = dilate(mask, growth_voxels) if growth_voxels else mask
     owner = _spread(cores, region, MAX_PROPAGATION_STEPS)
     owner = torch.where(region, owner, 0)
     contrast = torch.as_tensor(np.r_[1.0, (ne_k - nm) + (no_k - nm)])[owner]

@@ -57,7 +57,7 @@ from ..geometry import Geometry
 from ..samples.tensor import _PAIRS, eps6_to_volume
 from .base import ReconstructionSession, Reconstructor
 from .consistency import ConsistencyCheck
-from .particles import SHAPES, ParticleMap, particle_report, segment_particles
+from .particles import SHAPES, ParticleMap, dilate, particle_report, segment_particles, soft_spheroid_occupancy
 
 log = logging.getLogger(__name__)
 
@@ -383,14 +383,10 @@ class _SpheroidShapes:
     surface motion. Its surface may move into the medium within ``mask_growth_voxels`` of it; the
     occupancy there is :func:`~.particles.soft_spheroid_occupancy` of the current parameters."""
 
-    MARGIN_VOXELS = 3
-
     def __init__(self, particles: ParticleMap, voxel_size_m, opts: RefineOptions, device) -> None:
-        from .particles import _dilate
-
         owner = torch.as_tensor(particles.owner)
         shape = tuple(owner.shape)
-        voxel = min(voxel_size_m)
+        margin = opts.mask_growth_voxels + 2  # the box holds the grown region
         self._boxes, self._regions, self._coords, starts = [], [], [], []
         self._ids = []
         for k, droplet in enumerate(particles.spheroids or (), 1):
@@ -398,10 +394,10 @@ class _SpheroidShapes:
                 continue
             centre = np.asarray(droplet.center_m[::-1])
             reach = droplet.bounding_radius_m
-            box = tuple(slice(max(0, int(math.floor((c - reach) / d + n / 2)) - self.MARGIN_VOXELS),
-                              min(n, int(math.ceil((c + reach) / d + n / 2)) + self.MARGIN_VOXELS + 1))
+            box = tuple(slice(max(0, int(math.floor((c - reach) / d + n / 2)) - margin),
+                              min(n, int(math.ceil((c + reach) / d + n / 2)) + margin + 1))
                         for c, d, n in zip(centre, voxel_size_m, shape))
-            grown = _dilate(owner == k, opts.mask_growth_voxels) & ((owner == k) | (owner == 0))
+            grown = dilate(owner == k, opts.mask_growth_voxels) & ((owner == k) | (owner == 0))
             owner[grown] = k
             self._boxes.append(box)
             self._regions.append(grown[box].to(device=device, dtype=torch.float32))
@@ -412,22 +408,21 @@ class _SpheroidShapes:
         self.owner = owner.numpy()
         self.count = len(self._ids)
         self._voxel_size_m = tuple(voxel_size_m)
-        self._device = device
         self._starts = [tuple(torch.as_tensor(np.asarray(x, dtype=np.float64), device=device) for x in start)
                         for start in starts]
-        # per unit: the centre moves shape_step_scale voxels, the radius as much, the axis and the aspect
-        # so that the surface moves about as much
-        self._unit_m = opts.shape_step_scale * voxel
+        self._spherical = [start[2] == 1.0 for start in starts]
+        # per unit the centre moves shape_step_scale voxels along each axis, and the radius, the aspect
+        # and the axis move the surface by about as much
+        self._centre_unit_m = torch.as_tensor(opts.shape_step_scale * np.asarray(voxel_size_m), device=device)
+        self._unit_m = opts.shape_step_scale * min(voxel_size_m)
         self.free = torch.zeros(self.count, 8, dtype=torch.float64, device=device, requires_grad=True)
-        self._spherical = torch.tensor([start[2] == 1.0 for start in starts], device=device)
 
     def _parameters(self, i: int):
         centre, radius, aspect, axis = self._starts[i]
         free = self.free[i]
         unit = self._unit_m
-        shape_free = free[4:] * (0.0 if bool(self._spherical[i]) else 1.0)  # a sphere stays a sphere
-        centre = centre + free[:3] * torch.as_tensor(self._voxel_size_m, dtype=free.dtype, device=free.device) \
-            * (unit / min(self._voxel_size_m))
+        shape_free = free[4:] * (0.0 if self._spherical[i] else 1.0)  # a sphere stays a sphere
+        centre = centre + free[:3] * self._centre_unit_m
         radius = radius * torch.exp(free[3] * unit / radius)
         aspect = aspect * torch.exp(shape_free[0] * unit / radius)
         axis = axis + shape_free[1:] * unit / radius
@@ -435,8 +430,6 @@ class _SpheroidShapes:
 
     def paint(self, occupancy: torch.Tensor) -> torch.Tensor:
         """``occupancy`` with each spheroid's region holding its soft occupancy."""
-        from .particles import soft_spheroid_occupancy
-
         occupancy = occupancy.clone()
         for i, (box, region, coords) in enumerate(zip(self._boxes, self._regions, self._coords)):
             soft = soft_spheroid_occupancy(*self._parameters(i), coords, self._voxel_size_m).to(occupancy.dtype)
