@@ -81,7 +81,8 @@ def test_spheroid_shapes_undo_a_wandering_surface():
                            g).truth()
     noise = ndimage.gaussian_filter(np.random.default_rng(2).normal(size=truth.ne.shape), (1, 2, 2))
     wander = 1 + 0.2 * noise / noise.std()
-    wobbly = Volume((nm + (truth.ne - nm) * wander).astype(np.float32), (nm + (truth.no - nm) * wander).astype(np.float32),
+    wobbly = Volume((nm + (truth.ne - nm) * wander).astype(np.float32),
+                    (nm + (truth.no - nm) * wander).astype(np.float32),
                     truth.director, truth.voxel_size_m, nm)
     spheroid, voxels = uniform_particles(wobbly), uniform_particles(wobbly, shape="voxels")
     assert spheroid.parameters["particles"]["shapes"] == ["sphere"]
@@ -206,10 +207,12 @@ def test_reconstruct_refines_particles_on_request(tmp_path, capsys):
     g = preset("small")
     droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
     write_acquisition(tmp_path / "a.h5", Simulator(g).acquire(droplet_sample([droplet], g), seed=2))
-    assert main(["reconstruct", str(tmp_path / "a.h5"), "--out", str(tmp_path / "v.h5"), "--refine-iterations", "1",
-                 "--refine-model", "particles", "--consistency-views", "0"]) == 0
+    assert main(["reconstruct", str(tmp_path / "a.h5"), "--method", "model", "--out", str(tmp_path / "v.h5"),
+                 "--refine-iterations", "1", "--refine-model", "particles", "--refine-shapes",
+                 "--consistency-views", "0"]) == 0
     report = read_volume(tmp_path / "v.h5").parameters["refinement"]
     assert report["model"] == "particles" and report["steps"] == 1 and report["particles"]["count"] >= 1
+    assert report["options"]["fit_shapes"] and len(report["particles"]["spheroids"]) == 1
     assert report["residual_squared"][1] < report["residual_squared"][0]
     assert "refinement           residual^2" in capsys.readouterr().out
 
@@ -249,5 +252,6 @@ def test_reconstruct_rebuilds_uniform_particles_on_request(tmp_path):
         assert main(["reconstruct", str(tmp_path / "a.h5"), "--method", "model", "--uniform-particles",
                      "--particle-shape", shape, "--out", str(tmp_path / "v.h5")]) == 0
         volume = read_volume(tmp_path / "v.h5")
-        assert volume.parameters["particles"]["count"] == 1 and volume.consistency is not None  # scores what it publishes
+        # one particle, and the consistency check scores what is published
+        assert volume.parameters["particles"]["count"] == 1 and volume.consistency is not None
         assert volume.parameters["particles"]["shapes"] == expected

@@ -287,7 +287,8 @@ def uniform_particles(volume: Volume, **segment_options) -> Volume:
 
 
 def particle_report(particles: ParticleMap) -> dict:
-    return {"count": particles.count, "shapes": list(particles.shapes), "ne": [round(float(x), 5) for x in particles.ne],
+    return {"count": particles.count, "shapes": list(particles.shapes),
+            "ne": [round(float(x), 5) for x in particles.ne],
             "no": [round(float(x), 5) for x in particles.no],
             "voxels": [int(v) for v in np.bincount(particles.owner.ravel(), minlength=particles.count + 1)[1:]]}
 

@@ -19,9 +19,10 @@ refinement moves the volume until it explains them as well as the camera noise a
   and axis) too, through :func:`~.particles.soft_spheroid_occupancy`: a handful of numbers per
   particle, which the fields fix where they cannot fix a voxel's occupancy (with exact Mie fields
   it finds a sphere's radius within 0.3 % and its centre within a tenth of a voxel). Otherwise
-  the occupancy ``f`` stays the start's unless ``fit_occupancy``: the fields hardly constrain a surface along the axis (the missing cone), and
-  on the network's volumes fitting it lowered n_e (docs/reconstruction.md); on a sphere whose
-  size is wrong, with exact Mie fields, it recovers the size (tests/test_particles.py). It then
+  the occupancy ``f`` stays the start's unless ``fit_occupancy``: the fields hardly constrain a
+  single voxel's surface along the axis (the missing cone), and on the network's volumes fitting
+  it lowered n_e (docs/reconstruction.md); on a sphere whose size is wrong, with exact Mie
+  fields, it recovers the size (tests/test_particles.py). It then
   carries a prior that a voxel is particle or medium, the double well ``16 f^2 (1 - f)^2``,
   weighted so that a region of half-full voxels costs ``binary_weight`` x the noise's residual,
   and a penalty on ``f`` outside [0, 1]. An isotropic particle stays isotropic. The levels step
