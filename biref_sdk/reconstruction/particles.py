@@ -260,8 +260,9 @@ def soft_spheroid_occupancy(centre_m: torch.Tensor, radius_m: torch.Tensor, aspe
     """The share of each voxel [Z, Y, X] of the grid ``coordinates_m`` (voxel centres z, y, x) inside a
     spheroid (centre and axis in (z, y, x)), differentiable in its parameters: the simulator's
     ``supersample``^3 points per voxel, each inside by a logistic step of the distance to the surface
-    whose width is a tenth of the points' spacing (the partial volumes differ from the hard ones by
-    well under 1 %; the step's gradient is what lets a fit move the surface)."""
+    whose width is a tenth of the points' spacing (measured on a simulator-voxelized spheroid: 0.6 %
+    of its volume differs from the hard partial volumes; the step's gradient is what lets a fit
+    move the surface)."""
     s = supersample
     offsets = (torch.arange(s, dtype=centre_m.dtype, device=centre_m.device) + 0.5) / s - 0.5
     points = [(torch.as_tensor(c, dtype=centre_m.dtype, device=centre_m.device)[:, None] + offsets * d).reshape(-1)
