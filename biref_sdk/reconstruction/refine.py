@@ -308,7 +308,10 @@ class _ParticleFit:
             raise ValueError("the start volume holds no particle to fit")
         self._particles = particles
         self._voxel_size_m, self._medium_index = volume.voxel_size_m, volume.medium_index
-        owner = torch.as_tensor(particles.owner, device=device)
+        self._spheroids = _SpheroidShapes(particles, volume.voxel_size_m, opts, device) if opts.fit_shapes else None
+        # the spheroids' surfaces may move into the medium around them: their owner map is grown
+        self._owner = particles.owner if self._spheroids is None else self._spheroids.owner
+        owner = torch.as_tensor(self._owner, device=device)
         self.region = owner > 0
         self._inside = self.region.to(torch.float32)
         self._level = (owner - 1).clamp_min(0)
@@ -326,13 +329,8 @@ class _ParticleFit:
         self._f_free = torch.zeros_like(self._f_start, requires_grad=opts.fit_occupancy)
         self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
         self.parameters = [self._levels_free, self._director_free] + ([self._f_free] if opts.fit_occupancy else [])
-        self._spheroids = _SpheroidShapes(particles, volume.voxel_size_m, opts, device) if opts.fit_shapes else None
         if self._spheroids is not None and self._spheroids.count:
             self.parameters.append(self._spheroids.free)
-            owner = torch.as_tensor(self._spheroids.owner, device=device)
-            self.region = owner > 0
-            self._inside = self.region.to(torch.float32)
-            self._level = (owner - 1).clamp_min(0)
 
     def _state(self):
         no = self._no_start + self._levels_free[0] * self._level_step
@@ -363,16 +361,16 @@ class _ParticleFit:
         beyond = ((f - f.clamp(0, 1)) ** 2 * self._inside).sum() / voxels
         return self._binary_weight * floor * well + beyond
 
-    def _fitted(self) -> ParticleMap:
-        no, b, f, _ = self._state()
-        owner = self._particles.owner if self._spheroids is None else self._spheroids.owner
-        return ParticleMap(owner=owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
+    def _fitted(self, state=None) -> ParticleMap:
+        no, b, f, _ = state or self._state()
+        return ParticleMap(owner=self._owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
                            ne=torch.sqrt(no**2 + b**2).detach().double().cpu().numpy(),
                            no=no.detach().double().cpu().numpy(), shapes=self._particles.shapes)
 
     def volume(self) -> Volume:
-        ne, no = self._fitted().indices(self._medium_index)
-        director = self._state()[3].detach().cpu().numpy()
+        state = self._state()  # once: with fitted spheroids it renders them
+        ne, no = self._fitted(state).indices(self._medium_index)
+        director = state[3].detach().cpu().numpy()
         return Volume(ne=ne, no=no, director=director, voxel_size_m=self._voxel_size_m,
                       medium_index=self._medium_index)
 
