@@ -167,3 +167,20 @@ def test_reconstruct_refines_on_request_and_says_how(droplet_acquisition, tmp_pa
     assert read_volume(tmp_path / "v.h5").parameters["refinement"]["steps"] == 1
     with pytest.raises(SystemExit):
         main(["serve", "--refine-iterations", "1"])  # not offered where every volume's latency counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; no GPU on this machine")
+@pytest.mark.parametrize("options", [RefineOptions(max_iterations=2),
+                                     RefineOptions(max_iterations=2, model="particles", fit_shapes=True)],
+                         ids=["voxels", "particles-shapes"])
+def test_the_refinement_on_cuda_follows_the_cpu(droplet_acquisition, options):
+    start = get_reconstructor("formula").reconstruct(droplet_acquisition)
+    refined = {device: Refiner(droplet_acquisition.geometry, options, device)
+               .refine(start, droplet_acquisition.holograms, droplet_acquisition.background)
+               for device in ("cpu", "cuda")}
+    cpu, cuda = refined["cpu"], refined["cuda"]
+    np.testing.assert_allclose(cuda.parameters["refinement"]["residual_squared"],
+                               cpu.parameters["refinement"]["residual_squared"], rtol=1e-3)
+    np.testing.assert_allclose(cuda.ne, cpu.ne, atol=2e-4)
+    np.testing.assert_allclose(cuda.no, cpu.no, atol=2e-4)

@@ -312,3 +312,23 @@ def test_quarter_turns_need_a_symmetric_illumination_ring(tiny_data, tmp_path, c
     assert biref(["train", "--data", str(train), "--val", str(val), "--out", str(tmp_path / "run"), "--epochs", "1",
                   "--augment", "quarter-turns", *TRAIN_ARGS]) != 0
     assert "does not map onto itself under a quarter turn" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; no GPU on this machine")
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_training_on_cuda_follows_the_cpu(tiny_data, tmp_path, amp):
+    """The same epoch on both devices: fp32 gives the CPU's losses (up to TF32 convolutions), mixed
+    precision a finite loss and a model that loads and runs on the CPU."""
+    train, val = tiny_data
+    common = ["--data", str(train), "--val", str(val), "--lr", "1e-3", "--seed", "3", "--epochs", "1", *TRAIN_ARGS]
+    assert biref(["train", *common, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert biref(["train", *common, "--out", str(tmp_path / "cuda"), "--device", "cuda",
+                  *([] if amp else ["--no-amp"])]) == 0
+    cpu, cuda = (json.loads((tmp_path / run / "history.json").read_text())[0] for run in ("cpu", "cuda"))
+    assert np.isfinite(cuda["train"]["loss"]) and np.isfinite(cuda["val"]["psnr_ne"])
+    if not amp:
+        assert cuda["train"]["loss"] == pytest.approx(cpu["train"]["loss"], rel=0.02)
+        assert cuda["val"]["psnr_ne"] == pytest.approx(cpu["val"]["psnr_ne"], abs=0.2)
+    model = load_model(tmp_path / "cuda" / "last.h5")
+    assert next(model.network.parameters()).device.type == "cpu"

@@ -134,7 +134,7 @@ class ModelSession(ReconstructionSession):
         if missing and not allow_missing:
             raise ValueError(f"{missing} views are missing; pass allow_missing=True to reconstruct without them")
         # finalize leaves the session as it was (a preview may be followed by more views)
-        clock = _StageClock()
+        clock = _StageClock(self._engine.device)
         turns = len(self._states)
         # the prior first: the decode thread may still be finishing the last turns meanwhile
         prior = None
@@ -172,7 +172,10 @@ class ModelSession(ReconstructionSession):
             clock.lap("turns_back")
         else:
             ne, no, q = ne[0], no[0], q[0]
-        director = director_from_q_shared(q.cpu(), self._decode_thread())
+        if q.device.type == "cuda":  # a few elementwise passes there; the shared CPU path is for CPUs
+            director = director_from_q(q).cpu()
+        else:
+            director = director_from_q_shared(q, self._decode_thread())
         clock.lap("director")
         uncertainty = None
         if turns > 1:  # measured: the turns' spread
@@ -195,11 +198,14 @@ class ModelSession(ReconstructionSession):
 class _StageClock:
     """Wall time of consecutive stages (seconds), for the latency breakdown."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.laps: dict[str, float] = {}
+        # CUDA work is asynchronous: each lap waits for its stage's kernels, so the time is its own
+        self._synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        self._synchronize()
         now = time.perf_counter()
         self.laps[name] = now - self._last
         self._last = now

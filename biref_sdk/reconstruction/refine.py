@@ -61,6 +61,7 @@ import torch
 from ..files import Volume
 from ..geometry import Geometry
 from ..samples.tensor import _PAIRS, eps6_to_volume
+from ._eigen import symmetric_eigen
 from .base import ReconstructionSession, Reconstructor
 from .consistency import ConsistencyCheck
 from .particles import SHAPES, ParticleMap, dilate, particle_report, segment_particles, soft_spheroid_occupancy
@@ -133,9 +134,9 @@ def _aligned(director: torch.Tensor, weight: torch.Tensor, smooth) -> torch.Tens
     eigenvector of the smoothed ``weight d d^T``, its largest component positive): the director's
     sign is arbitrary, and smoothed changes of ``w = sqrt(n_e^2 - n_o^2) d`` would cancel between
     neighbours of opposite sign."""
-    outer = (weight * director)[:, None] * director[None, :]  # [3, 3, Z, Y, X]
-    mean = smooth(outer.reshape(9, *director.shape[1:])).reshape(3, 3, -1).permute(2, 0, 1)
-    axis = torch.linalg.eigh(mean.double())[1][:, :, 2].T.to(director.dtype).reshape(director.shape)
+    # closed form, not torch.linalg.eigh: cuSOLVER's batched eigh failed on CUDA (H200, torch 2.11)
+    outer = torch.stack([weight * director[i] * director[j] for i, j in _PAIRS])  # [6, Z, Y, X]
+    _, _, axis = symmetric_eigen(smooth(outer))
     # the eigenvector's own sign is arbitrary too: its largest component is made positive, which
     # neighbours with nearly the same axis share (they differ only where two components tie)
     largest = axis.abs().argmax(0, keepdim=True)
