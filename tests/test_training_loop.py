@@ -332,3 +332,32 @@ def test_training_on_cuda_follows_the_cpu(tiny_data, tmp_path, amp):
         assert cuda["val"]["psnr_ne"] == pytest.approx(cpu["val"]["psnr_ne"], abs=0.2)
     model = load_model(tmp_path / "cuda" / "last.h5")
     assert next(model.network.parameters()).device.type == "cpu"
+
+
+def test_blend_interpolates_a_model_and_its_fine_tuned_copy(tiny_data, tmp_path, capsys):
+    train, val = tiny_data
+    common = ["--data", str(train), "--val", str(val), "--epochs", "1", "--lr", "1e-3", *TRAIN_ARGS]
+    assert biref(["train", *common, "--out", str(tmp_path / "base")]) == 0
+    base = str(tmp_path / "base" / "last.h5")
+    assert biref(["train", *common, "--out", str(tmp_path / "tuned"), "--init", base, "--seed", "1"]) == 0
+    tuned = str(tmp_path / "tuned" / "last.h5")
+    weights = {}
+    for alpha in (0.0, 0.25, 1.0):
+        out = tmp_path / f"blend{alpha}.h5"
+        assert biref(["blend", "--base", base, "--tuned", tuned, "--alpha", str(alpha), "--out", str(out)]) == 0
+        model = load_model(out)
+        assert model.metadata["weight_blend"]["alpha"] == alpha
+        weights[alpha] = model.network.state_dict()
+    start, end = load_model(base).network.state_dict(), load_model(tuned).network.state_dict()
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    for name in (name for name in start if start[name].is_floating_point()):  # not BatchNorm's step count
+        torch.testing.assert_close(weights[0.0][name], start[name], rtol=0, atol=0)
+        torch.testing.assert_close(weights[1.0][name], end[name], rtol=0, atol=0)
+        torch.testing.assert_close(weights[0.25][name], 0.75 * start[name] + 0.25 * end[name])
+    other = tmp_path / "other"
+    assert biref(["train", *common, "--out", str(other), "--normalization", "none"]) == 0
+    capsys.readouterr()
+    assert biref(["blend", "--base", base, "--tuned", str(other / "last.h5"), "--alpha", "0.5",
+                  "--out", str(tmp_path / "x.h5")]) != 0
+    assert "different network configurations" in capsys.readouterr().err
+    assert biref(["blend", "--base", base, "--tuned", tuned, "--alpha", "1.5", "--out", str(tmp_path / "y.h5")]) != 0

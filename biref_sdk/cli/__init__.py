@@ -11,7 +11,7 @@ COMMANDS = (
     "simulate",
     "geometry",
     "inspect",
-    "train", "distill",
+    "train", "distill", "blend",
     "serve",
     "microscope_sim",
     "demo",
