@@ -91,7 +91,9 @@ def _stage_inputs(config, seed=0):
     return window, hidden, states, prior
 
 
-def _assert_same_stages(reference, engine, config, index_atol, state_atol=1e-5):
+def _assert_same_stages(reference, engine, config, index_atol, state_atol=5e-5):
+    # state_atol: the GRU state (values up to 1.6) of the shipped stage-9 model differs between
+    # ONNX Runtime and torch on the CPU by 1.3e-5 to 1.7e-5 (float32 summation order); its indices by 1e-7
     window, hidden, states, prior = _stage_inputs(config)
     features = reference.encode(window)
     torch.testing.assert_close(engine.encode(window).cpu(), features, atol=1e-4, rtol=1e-4)
@@ -253,8 +255,7 @@ def test_torch_cuda_engine_equals_the_cpu():
     model = load_model(shipped_model_path())
     reference = create_engine("torch", load_model(shipped_model_path()), device="cpu")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the graphs are captured inside
-        _assert_same_stages(reference, create_engine("torch", model, device="cuda"), model.config, 1e-5,
-                            state_atol=5e-5)
+        _assert_same_stages(reference, create_engine("torch", model, device="cuda"), model.config, 1e-5)
     # fp16 autocast: looser, stated: 2e-4 index units
     _assert_same_stages(reference, create_engine("torch", load_model(shipped_model_path()), device="cuda",
                                                  precision="fp16"), model.config, 2e-4)
