@@ -88,3 +88,15 @@ def make_server(context):
     yield make
     for server in servers:
         server.close(timeout_s=DEADLINE_S)
+
+
+@pytest.fixture(scope="module")
+def bipolar_droplet_acquisition():
+    """A bipolar droplet (R 0.7 um, axis tilted 17 degrees from x) imaged in the `small` preset."""
+    from biref_sdk.geometry import preset
+    from biref_sdk.samples import Droplet, droplet_sample
+    from biref_sdk.simulate import Simulator
+
+    geometry = preset("small")
+    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
+    return Simulator(geometry).acquire(droplet_sample([droplet], geometry), seed=2)

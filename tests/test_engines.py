@@ -263,16 +263,9 @@ def test_torch_cuda_engine_equals_the_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; no GPU on this machine")
-def test_a_streamed_reconstruction_on_cuda_equals_the_cpus():
+def test_a_streamed_reconstruction_on_cuda_equals_the_cpus(bipolar_droplet_acquisition):
     """The whole session (per-view encoding, formula prior, readout, director, uncertainty) on CUDA."""
-    from biref_sdk.geometry import preset
-    from biref_sdk.samples import Droplet, droplet_sample
-    from biref_sdk.simulate import Simulator
-
-    geometry = preset("small")
-    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
-    acquisition = Simulator(geometry).acquire(droplet_sample([droplet], geometry), seed=4)
-    volumes = {device: ModelReconstructor(engine="torch", device=device).reconstruct(acquisition)
+    volumes = {device: ModelReconstructor(engine="torch", device=device).reconstruct(bipolar_droplet_acquisition)
                for device in ("cpu", "cuda")}
     for name in ("ne", "no"):
         np.testing.assert_allclose(getattr(volumes["cuda"], name), getattr(volumes["cpu"], name), atol=1e-4)

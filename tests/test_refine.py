@@ -3,7 +3,6 @@ without autograd and against finite differences), the camera noise measured in a
 (against the demodulated noise itself), and the fit against exact Mie scattering."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from biref_sdk.files import Volume
 from biref_sdk.geometry import Geometry, preset
-from biref_sdk.holography import CameraConfig, Demodulator, expose, intensity
+from biref_sdk.holography import CameraConfig, Demodulator, expose
 from biref_sdk.physics import MultiSlice
 from biref_sdk.reconstruction import get_reconstructor
 from biref_sdk.reconstruction.consistency import ConsistencyCheck
@@ -125,16 +124,9 @@ def test_smoothed_changes_see_one_director_sign_per_neighbourhood():
     assert torch.allclose(smoothed[0, 3:-3, 3:-3, 3:-3], torch.ones(2, 4, 4), atol=0.01)  # a constant passes
 
 
-@pytest.fixture(scope="module")
-def droplet_acquisition():
-    g = preset("small")
-    droplet = Droplet((0.0, 0.0, 0.0), 0.7e-6, (1.0, 0.0, 0.3), "bipolar", 1.565, 1.548)
-    return Simulator(g).acquire(droplet_sample([droplet], g), seed=2)
-
-
 def test_a_refined_reconstruction_fits_the_views_received_and_keeps_its_volume_when_the_fit_fails(
-        droplet_acquisition, monkeypatch, caplog):
-    acquisition = droplet_acquisition
+        bipolar_droplet_acquisition, monkeypatch, caplog):
+    acquisition = bipolar_droplet_acquisition
     reconstructor = PhysicsRefined(get_reconstructor("formula"), RefineOptions(max_iterations=1))
     assert reconstructor.name == "formula+refined"
     session = reconstructor.start(acquisition.geometry, acquisition.background)
@@ -155,11 +147,11 @@ def test_a_refined_reconstruction_fits_the_views_received_and_keeps_its_volume_w
     assert "refinement failed" in caplog.text
 
 
-def test_reconstruct_refines_on_request_and_says_how(droplet_acquisition, tmp_path, capsys):
+def test_reconstruct_refines_on_request_and_says_how(bipolar_droplet_acquisition, tmp_path, capsys):
     from biref_sdk.cli import main
     from biref_sdk.files import read_volume, write_acquisition
 
-    write_acquisition(tmp_path / "a.h5", droplet_acquisition)
+    write_acquisition(tmp_path / "a.h5", bipolar_droplet_acquisition)
     assert main(["reconstruct", str(tmp_path / "a.h5"), "--out", str(tmp_path / "v.h5"), "--refine-iterations", "1",
                  "--consistency-views", "3"]) == 0
     out = capsys.readouterr().out
@@ -174,10 +166,10 @@ def test_reconstruct_refines_on_request_and_says_how(droplet_acquisition, tmp_pa
 @pytest.mark.parametrize("options", [RefineOptions(max_iterations=2),
                                      RefineOptions(max_iterations=2, model="particles", fit_shapes=True)],
                          ids=["voxels", "particles-shapes"])
-def test_the_refinement_on_cuda_follows_the_cpu(droplet_acquisition, options):
-    start = get_reconstructor("formula").reconstruct(droplet_acquisition)
-    refined = {device: Refiner(droplet_acquisition.geometry, options, device)
-               .refine(start, droplet_acquisition.holograms, droplet_acquisition.background)
+def test_the_refinement_on_cuda_follows_the_cpu(bipolar_droplet_acquisition, options):
+    start = get_reconstructor("formula").reconstruct(bipolar_droplet_acquisition)
+    refined = {device: Refiner(bipolar_droplet_acquisition.geometry, options, device)
+               .refine(start, bipolar_droplet_acquisition.holograms, bipolar_droplet_acquisition.background)
                for device in ("cpu", "cuda")}
     cpu, cuda = refined["cpu"], refined["cuda"]
     np.testing.assert_allclose(cuda.parameters["refinement"]["residual_squared"],

@@ -172,10 +172,7 @@ class ModelSession(ReconstructionSession):
             clock.lap("turns_back")
         else:
             ne, no, q = ne[0], no[0], q[0]
-        if q.device.type == "cuda":  # a few elementwise passes there; the shared CPU path is for CPUs
-            director = director_from_q(q).cpu()
-        else:
-            director = director_from_q_shared(q, self._decode_thread())
+        director = director_from_q_shared(q, self._decode_thread()).cpu()
         clock.lap("director")
         uncertainty = None
         if turns > 1:  # measured: the turns' spread
@@ -261,10 +258,11 @@ def director_from_q_shared(q: torch.Tensor, executor, chunk_voxels: int = _ONE_T
     """:func:`director_from_q`, the same values, with the work shared with ``executor``'s thread:
     in chunks small enough that each of the many element-wise passes runs on one thread (on 2 CPU
     cores twice as fast as the whole volume's passes split across both), every other chunk on the
-    executor. Its share comes back to the caller if the executor is busy (another session's decoder)."""
+    executor. Its share comes back to the caller if the executor is busy (another session's decoder).
+    On a GPU the whole volume at once, where it is: a few element-wise passes there."""
     flat = q.reshape(5, -1)
     starts = list(range(0, flat.shape[1], chunk_voxels))
-    if len(starts) < 2:
+    if q.device.type != "cpu" or len(starts) < 2:
         return director_from_q(q)
     out = torch.empty(3, flat.shape[1], dtype=torch.float32, device=q.device)
 
