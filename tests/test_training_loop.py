@@ -13,7 +13,9 @@ import torch
 
 from biref_sdk.cli import main as biref
 from biref_sdk.files import DatasetWriter, Volume
-from biref_sdk.network import load_model
+from biref_sdk.network import load_model, save_model
+from biref_sdk.network.config import config_for_geometry
+from biref_sdk.network.model import BirefNet
 from biref_sdk.reconstruction.prior import with_prior_options
 
 from test_network_model import tiny_frames, tiny_geometry
@@ -151,19 +153,34 @@ def test_training_reduces_the_loss(tiny_data, tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_ddp_with_two_gloo_processes(tiny_data, tmp_path):
+@pytest.mark.parametrize("init", ["new", "uncertainty-head"])
+def test_ddp_with_two_gloo_processes(tiny_data, tmp_path, init):
     train, val = tiny_data
     out = tmp_path / "ddp"
+    start = []
+    if init == "uncertainty-head":
+        # fine-tuning a distilled model: its uncertainty head has no loss here, and DDP refuses
+        # parameters without gradients unless they are frozen
+        config = config_for_geometry(tiny_geometry(), "tiny", window_length=2, normalization="none",
+                                     uncertainty_head=True)
+        torch.manual_seed(5)
+        save_model(tmp_path / "distilled.h5", BirefNet(config).eval(), tiny_geometry())
+        start = ["--init", str(tmp_path / "distilled.h5"), "--batch-size", "1"]  # DDP fails from step 2
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "biref_sdk", "train", "--data", str(train), "--val", str(val), "--out", str(out),
-               "--epochs", "1", "--device", "cpu", *TRAIN_ARGS]
+               "--epochs", "1", "--device", "cpu", "--lr", "1e-3", *TRAIN_ARGS, *start]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert history[0]["world_size"] == 2
     assert np.isfinite(history[0]["train"]["loss"])
     assert load_model(out / "best.h5").metadata["epoch"] == 1
+    if start:
+        before, after = (load_model(path).network.state_dict() for path in (tmp_path / "distilled.h5", out / "last.h5"))
+        changed = {name for name in before if not torch.equal(before[name], after[name])}
+        assert changed and not any(name.startswith("uncertainty.") for name in changed)
+        assert any(name.startswith("decoder.") for name in changed), changed
 
 
 def test_birefringent_q_loss_averages_over_voxels_with_a_director_only():

@@ -415,6 +415,9 @@ def train(data, val, out, config: TrainConfig = TrainConfig(), resume: bool = Fa
         if dist_info.world_size == checkpoint.get("world_size", 1):
             _set_rng_state(checkpoint["rng"])
         log(f"resumed from {checkpoint_path} after epoch {checkpoint['epoch']}")
+    if net_config.uncertainty_head:
+        # no loss here reaches it (distillation trains it), and DDP refuses parameters without gradients
+        network.uncertainty.requires_grad_(False)
     model = network
     if dist_info.enabled:
         model = nn.parallel.DistributedDataParallel(
