@@ -17,6 +17,12 @@ crystal). A reconstruction is not: its indices wander inside a particle and blur
   droplet voxels below 0.001 with several droplets, 6.6 % below 0.004). A particle too small to
   keep a core is its own core (of the class of its median); specks of fewer than
   ``min_particle_voxels`` voxels are the medium;
+* **split** (with ``shape="spheroid"``): a particle unlike its moment spheroid (below) whose core,
+  eroded by up to ``split_erosion_voxels`` more voxels, falls into pieces that together are more
+  like spheroids, is split into those pieces: two droplets that the reconstruction blurs into one
+  across a gap keep their own levels (on the multi-droplet held-out set, one pass: n_e +0.6 dB,
+  up to +4 dB on a field; a convex particle's core stays whole under erosion, so single droplets
+  are unchanged);
 * **levels**: each particle's (n_e, n_o) is the median over its core; an isotropic particle has
   one index, the median of ``(n_e + n_o) / 2``;
 * **occupancy**: every voxel within ``growth_voxels`` of the region belongs to its nearest core's
@@ -42,6 +48,7 @@ fields (:mod:`.refine`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +59,8 @@ from ..files import Volume
 from ..samples.droplets import Droplet
 from ..samples.tensor import voxelize_droplets
 from .base import ReconstructionSession, Reconstructor
+
+log = logging.getLogger(__name__)
 
 MAX_PROPAGATION_STEPS = 512  # connected-component labelling: bounded by the longest path in a particle
 SHAPES = ("spheroid", "voxels")
@@ -152,7 +161,7 @@ def _without_specks(labels: torch.Tensor, count: int, min_voxels: int) -> tuple[
 def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxels: int = 2,
                       growth_voxels: int = 2, birefringence_threshold: float = 1e-3,
                       min_particle_voxels: int = 4, shape: str = "spheroid", sphere_tolerance: float = 0.1,
-                      max_shape_mismatch: float = 0.15) -> ParticleMap:
+                      max_shape_mismatch: float = 0.15, split_erosion_voxels: int = 4) -> ParticleMap:
     """The particles of ``volume`` (module docstring)."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
@@ -170,30 +179,94 @@ def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxe
     coreless, count_c = _without_specks(*label_components(mask & ~dilate(cores > 0, core_erosion_voxels + 1)),
                                         min_particle_voxels)
     cores = torch.where(coreless > 0, coreless + count, cores)
-    count += count_c
-    ne_k, no_k = np.zeros(count), np.zeros(count)
-    for k in range(1, count + 1):
-        core_k = cores == k
-        if k <= count_b + count_i:
-            isotropic = k > count_b
-        else:  # a particle without a core
-            isotropic = float(local[core_k].median()) <= birefringence_threshold
-        if isotropic:  # one index
-            ne_k[k - 1] = no_k[k - 1] = float((0.5 * (ne + no))[core_k].median())
-        else:
-            ne_k[k - 1], no_k[k - 1] = float(ne[core_k].median()), float(no[core_k].median())
+    isotropic = [k > count_b for k in range(1, count + 1)]
+    # a particle without a core is of the class of its median
+    isotropic += [float(local[coreless == k].median()) <= birefringence_threshold for k in range(1, count_c + 1)]
     region = dilate(mask, growth_voxels) if growth_voxels else mask
-    owner = _spread(cores, region, MAX_PROPAGATION_STEPS)
-    owner = torch.where(region, owner, 0)
-    contrast = torch.as_tensor(np.r_[1.0, (ne_k - nm) + (no_k - nm)])[owner]
-    contrast = torch.where(contrast.abs() < 1e-6, 1e-6, contrast)
-    occupancy = torch.where(owner > 0, (((ne - nm) + (no - nm)) / contrast).clamp(0, 1), 0.0)
-    occupancy = torch.where(cores > 0, 1.0, occupancy)  # a core is inside its particle by construction
-    particles = ParticleMap(owner=owner.numpy(), occupancy=occupancy.float().numpy(), ne=ne_k, no=no_k,
-                            shapes=("voxels",) * count)
+    read = _ParticleReader(ne, no, region, nm)
+    particles = read(cores, isotropic)
     if shape == "spheroid":
+        if split_erosion_voxels:
+            particles = _split_merged(read, particles, cores, isotropic, volume.voxel_size_m, sphere_tolerance,
+                                      max_shape_mismatch, split_erosion_voxels, min_particle_voxels)
         particles = spheroid_shapes(particles, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch)
     return particles
+
+
+class _ParticleReader:
+    """A volume's particles given their cores: each one's levels (medians over its core; one index
+    for an isotropic particle), its voxels (the region's, to the nearest core) and occupancy."""
+
+    def __init__(self, ne: torch.Tensor, no: torch.Tensor, region: torch.Tensor, medium_index: float) -> None:
+        self.ne, self.no, self.region, self.medium_index = ne, no, region, medium_index
+
+    def __call__(self, cores: torch.Tensor, isotropic: list[bool]) -> ParticleMap:
+        ne, no, nm = self.ne, self.no, self.medium_index
+        count = len(isotropic)
+        ne_k, no_k = np.zeros(count), np.zeros(count)
+        for k in range(1, count + 1):
+            core_k = cores == k
+            if isotropic[k - 1]:
+                ne_k[k - 1] = no_k[k - 1] = float((0.5 * (ne + no))[core_k].median())
+            else:
+                ne_k[k - 1], no_k[k - 1] = float(ne[core_k].median()), float(no[core_k].median())
+        owner = torch.where(self.region, _spread(cores, self.region, MAX_PROPAGATION_STEPS), 0)
+        contrast = torch.as_tensor(np.r_[1.0, (ne_k - nm) + (no_k - nm)])[owner]
+        contrast = torch.where(contrast.abs() < 1e-6, 1e-6, contrast)
+        occupancy = torch.where(owner > 0, (((ne - nm) + (no - nm)) / contrast).clamp(0, 1), 0.0)
+        occupancy = torch.where(cores > 0, 1.0, occupancy)  # a core is inside its particle by construction
+        return ParticleMap(owner=owner.numpy(), occupancy=occupancy.float().numpy(), ne=ne_k, no=no_k,
+                           shapes=("voxels",) * count)
+
+
+def _split_merged(read: _ParticleReader, particles: ParticleMap, cores: torch.Tensor, isotropic: list[bool],
+                  voxel_size_m, sphere_tolerance: float, max_shape_mismatch: float, max_erosion_voxels: int,
+                  min_particle_voxels: int) -> ParticleMap:
+    """``particles`` with each one unlike its moment spheroid split where its core, eroded by 1 to
+    ``max_erosion_voxels`` more voxels, falls into pieces that are more like spheroids together:
+    two droplets that the reconstruction blurs into one keep their own levels and shapes. The
+    core's erosion keeps pieces at a neck narrower than the particles; a convex particle's core
+    stays whole under erosion."""
+    nm = read.medium_index
+    for k in range(1, particles.count + 1):
+        before = _spheroid_misfit(particles, k, voxel_size_m, nm, sphere_tolerance)
+        if before is None or before[0] <= max_shape_mismatch * before[1]:
+            continue
+        core_k = cores == k
+        for extra in range(1, max_erosion_voxels + 1):
+            pieces, count = _without_specks(*label_components(_erode(core_k, extra)), min_particle_voxels)
+            if count == 0:
+                break
+            if count < 2:
+                continue
+            last = len(isotropic)
+            trial_cores = torch.where(pieces > 1, pieces - 1 + last, torch.where(pieces == 1, k, cores * ~core_k))
+            trial_isotropic = isotropic + [isotropic[k - 1]] * (count - 1)
+            trial = read(trial_cores, trial_isotropic)
+            misfits = [_spheroid_misfit(trial, j, voxel_size_m, nm, sphere_tolerance) for j in [k, *range(last + 1, last + count)]]
+            if all(m is not None for m in misfits) and sum(m[0] for m in misfits) < before[0]:
+                log.debug("particle %d split into %d at %d more voxels of erosion", k, count, extra)
+                cores, isotropic, particles = trial_cores, trial_isotropic, trial
+                break
+    return particles
+
+
+def _spheroid_misfit(particles: ParticleMap, k: int, voxel_size_m, medium_index: float,
+                     sphere_tolerance: float) -> tuple[float, float] | None:
+    """(sum |spheroid - occupancy|, sum occupancy) of particle ``k`` and its moment spheroid, or None
+    for an empty particle."""
+    own = np.where(particles.owner == k, particles.occupancy, 0.0).astype(np.float64)
+    if own.sum() <= 0:
+        return None
+    spheroid = _spheroid_occupancy(moment_spheroid(own, voxel_size_m, medium_index, sphere_tolerance),
+                                   own.shape, voxel_size_m, medium_index)
+    return float(np.abs(spheroid - own).sum()), float(own.sum())
+
+
+def _spheroid_occupancy(droplet: Droplet, shape, voxel_size_m, medium_index: float) -> np.ndarray:
+    """The share of each voxel inside ``droplet``, voxelized as the simulator does."""
+    eps = voxelize_droplets([droplet], shape, voxel_size_m, medium_index)[0].double().numpy()
+    return (eps - medium_index**2) / (droplet.no**2 - medium_index**2)
 
 
 def _moments(weight: np.ndarray, voxel_size_m) -> tuple[float, np.ndarray, np.ndarray]:
@@ -204,6 +277,8 @@ def _moments(weight: np.ndarray, voxel_size_m) -> tuple[float, np.ndarray, np.nd
     centroid = np.array([(m * x).sum() / mass for m, x in zip(marginals, axes)])
     grids = np.meshgrid(*[x - c for x, c in zip(axes, centroid)], indexing="ij", sparse=True)
     second = np.array([[(grids[i] * grids[j] * weight).sum() / mass for j in range(3)] for i in range(3)])
+    # each voxel's own spread (a uniform box: d^2 / 12), so that a particle one voxel thick is not flat
+    second += np.diag(np.asarray(voxel_size_m, dtype=np.float64) ** 2 / 12)
     return float(mass * np.prod(voxel_size_m)), centroid, second
 
 
@@ -241,8 +316,7 @@ def spheroid_shapes(particles: ParticleMap, voxel_size_m, medium_index: float, s
         if own.sum() <= 0:
             continue
         droplet = moment_spheroid(own, voxel_size_m, medium_index, sphere_tolerance)
-        eps = voxelize_droplets([droplet], shape, voxel_size_m, medium_index)[0].double().numpy()
-        spheroid = (eps - medium_index**2) / (droplet.no**2 - medium_index**2)
+        spheroid = _spheroid_occupancy(droplet, shape, voxel_size_m, medium_index)
         if np.abs(spheroid - own).sum() > max_shape_mismatch * own.sum():
             continue
         shapes[k - 1] = "sphere" if droplet.aspect == 1.0 else "spheroid"
