@@ -78,7 +78,6 @@ def _gaussian_window(sigma: float, truncate: float, dtype, device):
 
 def _filter_valid(volume, window):
     """Separable Gaussian filter over every axis, keeping only fully-covered positions."""
-    torch = _torch()
     out = volume
     taps = window.numel()
     for axis in range(volume.ndim):

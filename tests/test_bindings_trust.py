@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes as C
 import math
-import subprocess
 import time
 
 import msgpack

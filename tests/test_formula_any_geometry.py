@@ -13,7 +13,6 @@ pytest.importorskip("miepython", reason="miepython (the `test` extra) computes t
 from biref_sdk.cli import main  # noqa: E402
 from biref_sdk.files import read_geometry, read_volume, write_acquisition, write_geometry  # noqa: E402
 from biref_sdk.geometry import Geometry, geometry_findings, preset  # noqa: E402
-from biref_sdk.reconstruction import get_reconstructor  # noqa: E402
 
 from mie_acquisition import CASES, mie_acquisition, sphere_figures  # noqa: E402
 

@@ -6,7 +6,6 @@ the scattered field within 1.5 radii. The lattice spacing is 33 nm (0.4-0.6 % fr
 benchmarks/lc_reference.py runs every view and more droplets (docs/simulator.md)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from biref_sdk.geometry import preset

@@ -316,6 +316,5 @@ class MultiSlice:
     def illumination(self) -> torch.Tensor:
         """The fields with no sample, complex[2(pol), V, 2(x, y), H, W]: each input polarization's
         transverse components times exp(i k_in . r)."""
-        g = self.geometry
         xy = torch.einsum("vij,pvj->pvi", self._T, self._input)  # [2, V, 2]
         return xy[..., None, None] * self._carrier[None, :, None]

@@ -5,7 +5,7 @@ Each configuration is a closed-form director field in the droplet's own frame, w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

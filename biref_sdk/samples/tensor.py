@@ -5,7 +5,6 @@ A tensor field is stored as ``eps6`` float32 [6, Z, Y, X] with components
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..files import Volume

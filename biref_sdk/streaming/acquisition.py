@@ -156,7 +156,7 @@ class AcquisitionMachine:
     def frame(self, message: Frame, now_s: float) -> Outcomes:
         out = Outcomes()
         self.last_activity_s = now_s
-        p, v = message.polarization, message.view
+        v = message.view
         if message.frame.shape != self.shape or message.frame.dtype != self.dtype:
             out.errors.append(StreamError.rejecting(
                 message, "shape_mismatch", f"frame {list(message.frame.shape)} {message.frame.dtype.name}, the start "
