@@ -243,7 +243,8 @@ def _split_merged(read: _ParticleReader, particles: ParticleMap, cores: torch.Te
             trial_cores = torch.where(pieces > 1, pieces - 1 + last, torch.where(pieces == 1, k, cores * ~core_k))
             trial_isotropic = isotropic + [isotropic[k - 1]] * (count - 1)
             trial = read(trial_cores, trial_isotropic)
-            misfits = [_spheroid_misfit(trial, j, voxel_size_m, nm, sphere_tolerance) for j in [k, *range(last + 1, last + count)]]
+            misfits = [_spheroid_misfit(trial, j, voxel_size_m, nm, sphere_tolerance)
+                       for j in [k, *range(last + 1, last + count)]]
             if all(m is not None for m in misfits) and sum(m[0] for m in misfits) < before[0]:
                 log.debug("particle %d split into %d at %d more voxels of erosion", k, count, extra)
                 cores, isotropic, particles = trial_cores, trial_isotropic, trial
@@ -258,15 +259,16 @@ def _spheroid_misfit(particles: ParticleMap, k: int, voxel_size_m, medium_index:
     own = np.where(particles.owner == k, particles.occupancy, 0.0).astype(np.float64)
     if own.sum() <= 0:
         return None
-    spheroid = _spheroid_occupancy(moment_spheroid(own, voxel_size_m, medium_index, sphere_tolerance),
-                                   own.shape, voxel_size_m, medium_index)
+    _, spheroid = _moment_shape(own, voxel_size_m, medium_index, sphere_tolerance)
     return float(np.abs(spheroid - own).sum()), float(own.sum())
 
 
-def _spheroid_occupancy(droplet: Droplet, shape, voxel_size_m, medium_index: float) -> np.ndarray:
-    """The share of each voxel inside ``droplet``, voxelized as the simulator does."""
-    eps = voxelize_droplets([droplet], shape, voxel_size_m, medium_index)[0].double().numpy()
-    return (eps - medium_index**2) / (droplet.no**2 - medium_index**2)
+def _moment_shape(own: np.ndarray, voxel_size_m, medium_index: float, sphere_tolerance: float):
+    """(the moment spheroid of the occupancy ``own``, the share of each voxel inside it, voxelized as
+    the simulator does)."""
+    droplet = moment_spheroid(own, voxel_size_m, medium_index, sphere_tolerance)
+    eps = voxelize_droplets([droplet], own.shape, voxel_size_m, medium_index)[0].double().numpy()
+    return droplet, (eps - medium_index**2) / (droplet.no**2 - medium_index**2)
 
 
 def _moments(weight: np.ndarray, voxel_size_m) -> tuple[float, np.ndarray, np.ndarray]:
@@ -311,13 +313,11 @@ def spheroid_shapes(particles: ParticleMap, voxel_size_m, medium_index: float, s
     owner, occupancy = particles.owner.copy(), particles.occupancy.astype(np.float64)
     shapes = list(particles.shapes or ("voxels",) * particles.count)
     spheroids = list(particles.spheroids or (None,) * particles.count)
-    shape = owner.shape
     for k in range(1, particles.count + 1):
         own = np.where(particles.owner == k, particles.occupancy, 0.0).astype(np.float64)
         if own.sum() <= 0:
             continue
-        droplet = moment_spheroid(own, voxel_size_m, medium_index, sphere_tolerance)
-        spheroid = _spheroid_occupancy(droplet, shape, voxel_size_m, medium_index)
+        droplet, spheroid = _moment_shape(own, voxel_size_m, medium_index, sphere_tolerance)
         if np.abs(spheroid - own).sum() > max_shape_mismatch * own.sum():
             continue
         shapes[k - 1] = "sphere" if droplet.aspect == 1.0 else "spheroid"
