@@ -21,8 +21,8 @@ crystal). A reconstruction is not: its indices wander inside a particle and blur
   eroded by up to ``split_erosion_voxels`` more voxels, falls into pieces that together are more
   like spheroids, is split into those pieces: two droplets that the reconstruction blurs into one
   across a gap keep their own levels (on the multi-droplet held-out set, one pass: n_e +0.6 dB,
-  up to +4 dB on a field; a convex particle's core stays whole under erosion, so single droplets
-  are unchanged);
+  up to +4 dB on a field; a convex particle's core stays whole under erosion, so the held-out
+  single droplets are unchanged);
 * **levels**: each particle's (n_e, n_o) is the median over its core; an isotropic particle has
   one index, the median of ``(n_e + n_o) / 2``;
 * **occupancy**: every voxel within ``growth_voxels`` of the region belongs to its nearest core's
