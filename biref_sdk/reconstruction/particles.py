@@ -185,12 +185,16 @@ def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxe
     region = dilate(mask, growth_voxels) if growth_voxels else mask
     read = _ParticleReader(ne, no, region, nm)
     particles = read(cores, isotropic)
-    if shape == "spheroid":
-        if split_erosion_voxels:
-            particles = _split_merged(read, particles, cores, isotropic, volume.voxel_size_m, sphere_tolerance,
-                                      max_shape_mismatch, split_erosion_voxels, min_particle_voxels)
-        particles = spheroid_shapes(particles, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch)
-    return particles
+    if shape != "spheroid":
+        return particles
+    shaped = spheroid_shapes(particles, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch)
+    unlike = [k for k, kind in enumerate(shaped.shapes, 1) if kind == "voxels"]
+    if split_erosion_voxels and unlike:  # only those unlike a spheroid are tried: most volumes have none
+        split = _split_merged(read, particles, cores, isotropic, unlike, volume.voxel_size_m, sphere_tolerance,
+                              max_shape_mismatch, split_erosion_voxels, min_particle_voxels)
+        if split is not particles:
+            shaped = spheroid_shapes(split, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch)
+    return shaped
 
 
 class _ParticleReader:
@@ -220,15 +224,18 @@ class _ParticleReader:
 
 
 def _split_merged(read: _ParticleReader, particles: ParticleMap, cores: torch.Tensor, isotropic: list[bool],
-                  voxel_size_m, sphere_tolerance: float, max_shape_mismatch: float, max_erosion_voxels: int,
-                  min_particle_voxels: int) -> ParticleMap:
-    """``particles`` with each one unlike its moment spheroid split where its core, eroded by 1 to
-    ``max_erosion_voxels`` more voxels, falls into pieces that are more like spheroids together:
-    two droplets that the reconstruction blurs into one keep their own levels and shapes. The
-    core's erosion keeps pieces at a neck narrower than the particles; a convex particle's core
-    stays whole under erosion."""
+                  unlike: list[int], voxel_size_m, sphere_tolerance: float, max_shape_mismatch: float,
+                  max_erosion_voxels: int, min_particle_voxels: int) -> ParticleMap:
+    """``particles`` with each one of ``unlike`` (those unlike their moment spheroid) split where its
+    core, eroded by 1 to ``max_erosion_voxels`` more voxels, falls into pieces that are more like
+    spheroids together: two droplets that the reconstruction blurs into one keep their own levels
+    and shapes. The core's erosion keeps pieces at a neck narrower than the particles; a convex
+    particle's core stays whole under erosion. ``particles`` itself where none is split."""
     nm = read.medium_index
-    for k in range(1, particles.count + 1):
+    original = particles
+    for k in range(1, original.count + 1):
+        if particles is original and k not in unlike:  # known like its spheroid, unless a split re-read it
+            continue
         before = _spheroid_misfit(particles, k, voxel_size_m, nm, sphere_tolerance)
         if before is None or before[0] <= max_shape_mismatch * before[1]:
             continue
