@@ -11,7 +11,8 @@ refinement moves the volume until it explains them as well as the camera noise a
   director, and a voxel the start calls isotropic stays isotropic (its gradient in ``w`` is 0).
 * **Or particles** (``model="particles"``): each particle of the start is one material
   (:mod:`.particles`: the start is first rebuilt so), and the fit moves its two levels, ``n_o``
-  and ``sqrt(n_e^2 - n_o^2)``, and every voxel's director, in
+  and ``sqrt(n_e^2 - n_o^2)``, and every voxel's director (its changes smoothed as the voxels
+  model's are), in
   ``eps = n_m^2 I + f (eps_k(d) - n_m^2 I)``. Two numbers per particle instead of two per voxel:
   the fields fix them far better. The shapes are the start's particles read as spheroids
   (``particle_shape="spheroid"``, :func:`~.particles.spheroid_shapes`) or voxel by voxel
@@ -79,7 +80,7 @@ class RefineOptions:
     mask_growth_voxels: int = 2      # the particles' region grown by this many voxels
     birefringence_step_scale: float = 30.0  # w is optimised in units of 1/scale (preconditioning)
     stop_at_noise: float = 1.0       # stop once residual^2 <= this x the noise's
-    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes (0: voxel by voxel; voxels model)
+    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes: voxels' n_o and w, particles' director (0: voxel by voxel)
     model: str = "voxels"            # what moves: "voxels" (n_o, w per voxel) or "particles" (module docstring)
     level_step_scale: float = 3.3e-4  # particles: their levels' step against a voxel's (preconditioning)
     fit_occupancy: bool = False      # particles: fit the shapes too (the start's otherwise; docstring)
@@ -143,6 +144,22 @@ def _aligned(director: torch.Tensor, weight: torch.Tensor, smooth) -> torch.Tens
     axis = axis * torch.where(axis.gather(0, largest) < 0, -1.0, 1.0)
     sign = torch.where((director * axis).sum(0) < 0, -1.0, 1.0)
     return director * sign
+
+
+def _birefringence(volume: Volume, device) -> torch.Tensor:
+    """``sqrt(n_e^2 - n_o^2)`` of each voxel (0 where n_e < n_o)."""
+    ne = torch.as_tensor(volume.ne, dtype=torch.float32, device=device)
+    no = torch.as_tensor(volume.no, dtype=torch.float32, device=device)
+    return torch.sqrt((ne**2 - no**2).clamp_min(0))
+
+
+def _start_director(volume: Volume, opts: RefineOptions, smooth, device) -> torch.Tensor:
+    """The start's director, its signs aligned where the changes are smoothed (they need neighbours
+    of one sign)."""
+    director = torch.as_tensor(volume.director, dtype=torch.float32, device=device)
+    if opts.update_smoothing_voxels > 0:
+        director = _aligned(director, _birefringence(volume, device), smooth)
+    return director
 
 
 def particle_region(volume: Volume, threshold: float, growth_voxels: int) -> torch.Tensor:
@@ -271,12 +288,8 @@ class _VoxelFit:
         self.region = particle_region(volume, opts.mask_threshold, opts.mask_growth_voxels).to(device)
         self._voxel_size_m, self._medium_index = volume.voxel_size_m, volume.medium_index
         self._no_start = torch.as_tensor(volume.no, dtype=torch.float32, device=device)
-        director = torch.as_tensor(volume.director, dtype=torch.float32, device=device)
         self._smooth = _gaussian_smoother(opts.update_smoothing_voxels, device)
-        birefringence = torch.sqrt((torch.as_tensor(volume.ne, device=device) ** 2 - self._no_start**2).clamp_min(0))
-        if opts.update_smoothing_voxels > 0:  # smoothed changes need neighbours of one sign
-            director = _aligned(director, birefringence, self._smooth)
-        self._w_start = birefringence * director
+        self._w_start = _birefringence(volume, device) * _start_director(volume, opts, self._smooth, device)
         self._scale = opts.birefringence_step_scale
         self._inside = self.region.to(torch.float32)
         # the changes, as fields whose smoothed copy (inside the region) is added to the start
@@ -321,7 +334,9 @@ class _ParticleFit:
         self._b_start = torch.sqrt(torch.as_tensor(np.maximum(particles.ne**2 - particles.no**2, 0),
                                                    dtype=torch.float32, device=device))
         self._f_start = torch.as_tensor(particles.occupancy, dtype=torch.float32, device=device)
-        self._director_start = torch.as_tensor(volume.director, dtype=torch.float32, device=device)
+        # the director's changes are smoothed as the voxel model's are (validation: docs/reconstruction.md)
+        self._smooth = _gaussian_smoother(opts.update_smoothing_voxels, device)
+        self._director_start = _start_director(volume, opts, self._smooth, device)
         self._level_step = opts.level_step_scale
         self._scale = opts.birefringence_step_scale
         self._binary_weight = opts.binary_weight
@@ -339,7 +354,7 @@ class _ParticleFit:
         f = self._f_start + self._f_free * self._inside
         if self._spheroids is not None:
             f = self._spheroids.paint(f)
-        d = self._director_start + self._director_free * self._inside
+        d = self._director_start + self._smooth(self._director_free) * self._inside
         return no, b, f, d / d.norm(dim=0, keepdim=True).clamp_min(1e-6)
 
     def eps6(self) -> torch.Tensor:
