@@ -285,3 +285,31 @@ def test_reconstruct_rebuilds_uniform_particles_on_request(tmp_path):
         # one particle, and the consistency check scores what is published
         assert volume.parameters["particles"]["count"] == 1 and volume.consistency is not None
         assert volume.parameters["particles"]["shapes"] == expected
+
+
+def test_the_shape_fit_moves_the_occupancy_of_a_particle_unlike_a_spheroid():
+    """An isotropic L-shaped block (no spheroid fits it), started from a blurred copy with an index
+    0.003 too low: with fit_shapes its occupancy moves too, with smoothed changes, and the fit gets
+    to the noise and nearer the truth, where a fit of the level alone stalls above it (measured:
+    residual^2 0.0344 against 0.0387, noise 0.0338; n_o 29.05 against 28.20 dB)."""
+    from biref_sdk.samples import volume_sample
+    from biref_sdk.simulate import Simulator
+
+    g = preset("small")
+    nm, index = g.medium_index, 1.575
+    n = np.full(g.volume_shape, nm, np.float32)
+    n[12:20, 20:44, 20:28] = index
+    n[12:20, 36:44, 20:44] = index
+    director = np.zeros((3, *n.shape), np.float32)
+    director[2] = 1.0
+    truth = Volume(n, n, director, g.voxel_size_m, nm)
+    acquisition = Simulator(g).acquire(volume_sample(truth), seed=4)
+    blurred = (nm + ndimage.gaussian_filter((n - nm) * (index - 0.003 - nm) / (index - nm), 1.0)).astype(np.float32)
+    start = Volume(blurred, blurred, director, g.voxel_size_m, nm)
+    assert segment_particles(start).shapes == ("voxels",)
+    fits = {shapes: Refiner(g, RefineOptions(model="particles", fit_shapes=shapes, max_iterations=8)).refine(
+        start, acquisition.holograms, acquisition.background) for shapes in (False, True)}
+    noise = fits[True].parameters["refinement"]["noise_squared"]
+    above_noise = {k: v.parameters["refinement"]["residual_squared"][-1] - noise for k, v in fits.items()}
+    assert above_noise[True] < 0.3 * above_noise[False]
+    assert psnr(truth.no, fits[True].no) > psnr(truth.no, fits[False].no) + 0.5

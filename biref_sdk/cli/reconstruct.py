@@ -73,7 +73,7 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
                             "particles of one material each, their levels and the director (particles)")
         p.add_argument("--refine-shapes", action="store_true",
                        help="with --refine-model particles: fit each spheroid's centre and size (and axis "
-                            "and aspect) to the fields too")
+                            "and aspect) to the fields too, and the other particles' occupancy (smoothed)")
     p.add_argument("--uniform-particles", action="store_true",
                    help="rebuild each volume as particles of one material each: one (n_e, n_o) per particle, "
                         "its shape from the volume (docs/reconstruction.md, Uniform particles); for droplets "

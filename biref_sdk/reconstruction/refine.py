@@ -19,8 +19,10 @@ refinement moves the volume until it explains them as well as the camera noise a
   (``"voxels"``). ``fit_shapes`` fits each spheroid's centre and radius (and a spheroid's aspect
   and axis) too, through :func:`~.particles.soft_spheroid_occupancy`: a handful of numbers per
   particle, which the fields fix where they cannot fix a voxel's occupancy (with exact Mie fields
-  it finds a sphere's radius within 0.3 % and its centre within a tenth of a voxel). Otherwise
-  the occupancy ``f`` stays the start's unless ``fit_occupancy``: the fields hardly constrain a
+  it finds a sphere's radius within 0.3 % and its centre within a tenth of a voxel); and the
+  occupancy of each particle that no spheroid fits, its changes smoothed as the director's (the
+  fields fix such a shape's coarse form, not its voxels). Otherwise the occupancy ``f`` stays the
+  start's unless ``fit_occupancy`` (everywhere, voxel by voxel): the fields hardly constrain a
   single voxel's surface along the axis (the missing cone), and on the network's volumes fitting
   it lowered n_e (docs/reconstruction.md); on a sphere whose size is wrong, with exact Mie
   fields, it recovers the size (tests/test_particles.py). It then
@@ -80,13 +82,13 @@ class RefineOptions:
     mask_growth_voxels: int = 2      # the particles' region grown by this many voxels
     birefringence_step_scale: float = 30.0  # w is optimised in units of 1/scale (preconditioning)
     stop_at_noise: float = 1.0       # stop once residual^2 <= this x the noise's
-    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes: voxels' n_o and w, particles' director (0: voxel by voxel)
+    update_smoothing_voxels: float = 1.0  # Gaussian sigma of the changes (n_o, w; director, occupancy); 0: none
     model: str = "voxels"            # what moves: "voxels" (n_o, w per voxel) or "particles" (module docstring)
     level_step_scale: float = 3.3e-4  # particles: their levels' step against a voxel's (preconditioning)
     fit_occupancy: bool = False      # particles: fit the shapes too (the start's otherwise; docstring)
     binary_weight: float = 1.0       # particles: the prior that a voxel is particle or medium, in noise units
     particle_shape: str = "spheroid"  # particles: the start's shapes, "spheroid" or "voxels" (.particles)
-    fit_shapes: bool = False         # particles: fit each spheroid's centre, size (and axis, aspect) too
+    fit_shapes: bool = False         # particles: fit spheroids' centre, size (axis, aspect), others' occupancy
     shape_step_scale: float = 0.05   # particles: a shape parameter's step, in voxels of surface motion
 
     def __post_init__(self) -> None:
@@ -341,17 +343,29 @@ class _ParticleFit:
         self._scale = opts.birefringence_step_scale
         self._binary_weight = opts.binary_weight
         self._fit_occupancy = opts.fit_occupancy
+        # where the occupancy moves: everywhere with fit_occupancy; with fit_shapes, in the particles no
+        # spheroid fits (their changes smoothed: the fields fix a shape's coarse form, not its voxels)
+        self._f_moves = self._inside if opts.fit_occupancy else None
+        if self._spheroids is not None:
+            voxels_shaped = [0.0] + [float(kind == "voxels") for kind in particles.shapes]
+            self._f_moves = torch.as_tensor(voxels_shaped, dtype=torch.float32, device=device)[
+                torch.as_tensor(particles.owner, device=device)] if max(voxels_shaped) else None
+        self._f_smooth = self._smooth if self._spheroids is not None else _gaussian_smoother(0, device)
         self._levels_free = torch.zeros(2, particles.count, device=device, requires_grad=True)
-        self._f_free = torch.zeros_like(self._f_start, requires_grad=opts.fit_occupancy)
+        self._f_free = torch.zeros_like(self._f_start, requires_grad=self._f_moves is not None)
         self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
-        self.parameters = [self._levels_free, self._director_free] + ([self._f_free] if opts.fit_occupancy else [])
+        self.parameters = [self._levels_free, self._director_free]
+        if self._f_moves is not None:
+            self.parameters.append(self._f_free)
         if self._spheroids is not None and self._spheroids.count:
             self.parameters.append(self._spheroids.free)
 
     def _state(self):
         no = self._no_start + self._levels_free[0] * self._level_step
         b = self._b_start + self._levels_free[1] * (self._level_step * self._scale)
-        f = self._f_start + self._f_free * self._inside
+        f = self._f_start
+        if self._f_moves is not None:
+            f = f + self._f_smooth(self._f_free[None])[0] * self._f_moves
         if self._spheroids is not None:
             f = self._spheroids.paint(f)
         d = self._director_start + self._smooth(self._director_free) * self._inside
@@ -367,14 +381,17 @@ class _ParticleFit:
     def penalty(self, floor: float) -> torch.Tensor:
         """``binary_weight`` x the noise's residual when every voxel of the region is half full (the
         double well ``16 f^2 (1 - f)^2`` averaged over the region; 0 when all are 0 or 1), and the
-        mean squared excursion of ``f`` outside [0, 1]."""
-        if not self._fit_occupancy:
+        mean squared excursion of ``f`` outside [0, 1] where it moves (with ``fit_shapes`` only the
+        latter: a shape unlike a spheroid keeps the partial volumes of the start's blur)."""
+        if self._f_moves is None:
             return torch.zeros(())
         f = self._state()[2]
-        voxels = self._inside.sum().clamp_min(1)
-        well = (16 * (f * (1 - f)) ** 2 * self._inside).sum() / voxels
+        voxels = self._f_moves.sum().clamp_min(1)
         # outside [0, 1] an occupancy is unphysical: it would trade a particle's level for its size
-        beyond = ((f - f.clamp(0, 1)) ** 2 * self._inside).sum() / voxels
+        beyond = ((f - f.clamp(0, 1)) ** 2 * self._f_moves).sum() / voxels
+        if not self._fit_occupancy:
+            return beyond
+        well = (16 * (f * (1 - f)) ** 2 * self._inside).sum() / voxels
         return self._binary_weight * floor * well + beyond
 
     def _fitted(self, state=None) -> ParticleMap:
