@@ -155,12 +155,12 @@ def _birefringence(volume: Volume, device) -> torch.Tensor:
     return torch.sqrt((ne**2 - no**2).clamp_min(0))
 
 
-def _start_director(volume: Volume, opts: RefineOptions, smooth, device) -> torch.Tensor:
+def _start_director(volume: Volume, birefringence: torch.Tensor, opts: RefineOptions, smooth) -> torch.Tensor:
     """The start's director, its signs aligned where the changes are smoothed (they need neighbours
-    of one sign)."""
-    director = torch.as_tensor(volume.director, dtype=torch.float32, device=device)
+    of one sign; ``birefringence`` weighs each voxel's say)."""
+    director = torch.as_tensor(volume.director, dtype=torch.float32, device=birefringence.device)
     if opts.update_smoothing_voxels > 0:
-        director = _aligned(director, _birefringence(volume, device), smooth)
+        director = _aligned(director, birefringence, smooth)
     return director
 
 
@@ -291,7 +291,8 @@ class _VoxelFit:
         self._voxel_size_m, self._medium_index = volume.voxel_size_m, volume.medium_index
         self._no_start = torch.as_tensor(volume.no, dtype=torch.float32, device=device)
         self._smooth = _gaussian_smoother(opts.update_smoothing_voxels, device)
-        self._w_start = _birefringence(volume, device) * _start_director(volume, opts, self._smooth, device)
+        birefringence = _birefringence(volume, device)
+        self._w_start = birefringence * _start_director(volume, birefringence, opts, self._smooth)
         self._scale = opts.birefringence_step_scale
         self._inside = self.region.to(torch.float32)
         # the changes, as fields whose smoothed copy (inside the region) is added to the start
@@ -338,19 +339,21 @@ class _ParticleFit:
         self._f_start = torch.as_tensor(particles.occupancy, dtype=torch.float32, device=device)
         # the director's changes are smoothed as the voxel model's are (validation: docs/reconstruction.md)
         self._smooth = _gaussian_smoother(opts.update_smoothing_voxels, device)
-        self._director_start = _start_director(volume, opts, self._smooth, device)
+        self._director_start = _start_director(volume, _birefringence(volume, device), opts, self._smooth)
         self._level_step = opts.level_step_scale
         self._scale = opts.birefringence_step_scale
         self._binary_weight = opts.binary_weight
         self._fit_occupancy = opts.fit_occupancy
-        # where the occupancy moves: everywhere with fit_occupancy; with fit_shapes, in the particles no
-        # spheroid fits (their changes smoothed: the fields fix a shape's coarse form, not its voxels)
-        self._f_moves = self._inside if opts.fit_occupancy else None
-        if self._spheroids is not None:
-            voxels_shaped = [0.0] + [float(kind == "voxels") for kind in particles.shapes]
-            self._f_moves = torch.as_tensor(voxels_shaped, dtype=torch.float32, device=device)[
-                torch.as_tensor(particles.owner, device=device)] if max(voxels_shaped) else None
-        self._f_smooth = self._smooth if self._spheroids is not None else _gaussian_smoother(0, device)
+        # where the occupancy moves (None: nowhere): every voxel with fit_occupancy; with fit_shapes, the
+        # particles no spheroid fits, their changes smoothed (the fields fix such a shape's coarse form)
+        self._f_moves, self._f_smooth = None, _gaussian_smoother(0, device)
+        if opts.fit_occupancy:
+            self._f_moves = self._inside
+        elif opts.fit_shapes and "voxels" in particles.shapes:
+            voxels_shaped = torch.as_tensor([0.0] + [float(kind == "voxels") for kind in particles.shapes],
+                                            dtype=torch.float32, device=device)
+            self._f_moves = voxels_shaped[torch.as_tensor(particles.owner, device=device)]
+            self._f_smooth = self._smooth
         self._levels_free = torch.zeros(2, particles.count, device=device, requires_grad=True)
         self._f_free = torch.zeros_like(self._f_start, requires_grad=self._f_moves is not None)
         self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
