@@ -55,6 +55,8 @@ def add_refine_arguments(parser) -> None:
                         help="what the refinement moves: voxels, particles (repeatable; default voxels)")
     parser.add_argument("--refine-shapes", action="store_true",
                         help="the particles model also fits each spheroid's centre, size, axis and aspect")
+    parser.add_argument("--refine-configurations", action="store_true",
+                        help="with --refine-shapes: spheroid droplets' director as its closed-form configuration")
     parser.add_argument("--particle-shape", choices=("spheroid", "voxels"), default="spheroid",
                         help="the particles' shapes (uniform particles, particle refinement; default spheroid)")
 
@@ -62,7 +64,7 @@ def add_refine_arguments(parser) -> None:
 def refined_variants(name: str, reconstructor, args) -> dict:
     """``{row name: reconstructor}``: ``reconstructor`` refined with each ``--refine-model``
     (``NAME+refined`` for voxels, ``NAME+refined-MODEL`` otherwise, ``-shapes`` added when the
-    particles' shapes are fitted too); empty without
+    particles' shapes are fitted too, ``-configurations`` when the directors' closed forms); empty without
     ``--refine-iterations``."""
     from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
@@ -71,8 +73,10 @@ def refined_variants(name: str, reconstructor, args) -> dict:
     variants = {}
     for model in args.refine_model or ["voxels"]:
         shapes = args.refine_shapes and model == "particles"
-        row = f"{name}+refined" + ("" if model == "voxels" else f"-{model}") + ("-shapes" if shapes else "")
+        configurations = shapes and args.refine_configurations
+        row = (f"{name}+refined" + ("" if model == "voxels" else f"-{model}") + ("-shapes" if shapes else "")
+               + ("-configurations" if configurations else ""))
         variants[row] = PhysicsRefined(reconstructor, RefineOptions(
             max_iterations=args.refine_iterations, model=model, particle_shape=args.particle_shape,
-            fit_shapes=shapes))
+            fit_shapes=shapes, fit_configurations=configurations))
     return variants

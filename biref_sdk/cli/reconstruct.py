@@ -74,6 +74,10 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
         p.add_argument("--refine-shapes", action="store_true",
                        help="with --refine-model particles: fit each spheroid's centre and size (and axis "
                             "and aspect) to the fields too, and the other particles' occupancy (smoothed)")
+        p.add_argument("--refine-configurations", action="store_true",
+                       help="with --refine-shapes: set each spheroid droplet's director to the closed-form "
+                            "nematic configuration (bipolar, radial, ...) that fits it, where one does, then "
+                            "refit the levels and shapes to it (docs/reconstruction.md, Director configurations)")
     p.add_argument("--uniform-particles", action="store_true",
                    help="rebuild each volume as particles of one material each: one (n_e, n_o) per particle, "
                         "its shape from the volume (docs/reconstruction.md, Uniform particles); for droplets "
@@ -118,7 +122,8 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
             built[method] = PhysicsRefined(built[method], RefineOptions(max_iterations=refine_iterations,
                                                                         model=args.refine_model,
                                                                         particle_shape=args.particle_shape,
-                                                                        fit_shapes=args.refine_shapes),
+                                                                        fit_shapes=args.refine_shapes,
+                                                                        fit_configurations=args.refine_configurations),
                                            device=args.device)
         if args.uniform_particles:  # after the refinement, before the check that scores what is published
             from ..reconstruction.particles import UniformParticles

@@ -30,6 +30,14 @@ refinement moves the volume until it explains them as well as the camera noise a
   weighted so that a region of half-full voxels costs ``binary_weight`` x the noise's residual,
   and a penalty on ``f`` outside [0, 1]. An isotropic particle stays isotropic. The levels step
   ``level_step_scale`` of a voxel's (a level moves thousands of voxels at once).
+* **Director configurations** (``fit_configurations``, with ``fit_shapes``): after the fit, each
+  fitted spheroid droplet's director is replaced by the closed-form nematic configuration that
+  agrees with it best (:mod:`.configurations`: bipolar, twisted bipolar, radial, preradial,
+  uniform, on any axis), where one agrees well; then ``configuration_iterations`` more steps refit
+  the levels and shapes with that director held. The fields judge it: if they are explained
+  worse than with the free director (by more than ``CONFIGURATION_RESIDUAL_TOLERANCE``), the free
+  fit is kept. The free director scatters by several degrees voxel by voxel (the missing cone);
+  the closed form does not.
 * **Preconditioning.** The fields are far more sensitive to ``n_o`` (the mean phase) than to ``w``
   (the retardance), so plain gradients move ``n_o`` to absorb the birefringence's errors; ``w``
   is optimised as ``w / birefringence_step_scale``. Measured on a droplet of the single-droplet set
@@ -56,22 +64,27 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from ..files import Volume
 from ..geometry import Geometry
+from ..samples.droplets import Droplet
 from ..samples.tensor import _PAIRS, eps6_to_volume
 from ._eigen import symmetric_eigen
 from .base import ReconstructionSession, Reconstructor
+from .configurations import configured_director
 from .consistency import ConsistencyCheck
 from .particles import SHAPES, ParticleMap, dilate, particle_report, segment_particles, soft_spheroid_occupancy
 
 log = logging.getLogger(__name__)
 
 MODELS = ("voxels", "particles")
+#: fit_configurations keeps the closed-form directors if the fields' residual with them is at most this
+#: much above the free director's (relative): see docs/reconstruction.md, "Director configurations"
+CONFIGURATION_RESIDUAL_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class RefineOptions:
     particle_shape: str = "spheroid"  # particles: the start's shapes, "spheroid" or "voxels" (.particles)
     fit_shapes: bool = False         # particles: fit spheroids' centre, size (axis, aspect), others' occupancy
     shape_step_scale: float = 0.05   # particles: a shape parameter's step, in voxels of surface motion
+    fit_configurations: bool = False  # particles with fit_shapes: spheroid droplets' director as a closed form
+    configuration_iterations: int = 10  # then this many more steps with that director held (.configurations)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -98,6 +113,10 @@ class RefineOptions:
             raise ValueError(f"particle_shape must be one of {SHAPES}, got {self.particle_shape!r}")
         if self.fit_shapes and self.fit_occupancy:
             raise ValueError("fit_shapes and fit_occupancy are two ways to move the shapes: choose one")
+        if self.fit_configurations and not (self.model == "particles" and self.fit_shapes):
+            raise ValueError("fit_configurations needs the particles model with fit_shapes (the fitted spheroids)")
+        if self.configuration_iterations < 0:
+            raise ValueError("configuration_iterations must be >= 0")
         if not self.level_step_scale > 0 or self.binary_weight < 0 or not self.shape_step_scale > 0:
             raise ValueError("level_step_scale and shape_step_scale must be > 0 and binary_weight >= 0")
         if self.max_iterations < 0:
@@ -241,45 +260,80 @@ class Refiner:
                     penalty.backward()
             return total, float(penalty.detach())
 
-        # max_eval: room for the line search to shrink a first step that overshoots
-        optimiser = torch.optim.LBFGS(fit.parameters, lr=1.0, max_iter=1, max_eval=6, history_size=10,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimiser.zero_grad()
-            return torch.tensor(sum(residual(backward=True)))
-
         history = [residual(backward=False)]  # (residual, penalty) of each volume kept
-        stopped = "max_iterations"
-        for _ in range(opts.max_iterations):
-            if history[-1][0] <= opts.stop_at_noise * floor:
-                stopped = "noise"
-                break
-            before = [p.detach().clone() for p in fit.parameters]
-            optimiser.step(closure)
-            history.append(residual(backward=False))
-            if sum(history[-1]) > sum(history[-2]) * (1 - 1e-4):
-                stopped = "no_progress"
-                if sum(history[-1]) > sum(history[-2]):  # a failed line search: keep the better volume
-                    with torch.no_grad():
-                        for parameter, kept in zip(fit.parameters, before):
-                            parameter.copy_(kept)
-                    history.pop()
-                break
-        else:
-            if history[-1][0] <= opts.stop_at_noise * floor:
-                stopped = "noise"
+        stopped = _optimise(fit.parameters, residual, history, opts.max_iterations, opts.stop_at_noise * floor)
+        extra = {}
+        if opts.fit_configurations:
+            stopped, extra = self._configured(fit, residual, history, floor, stopped)
         with torch.no_grad():
             refined = fit.volume()
         report = {"model": opts.model, "residual_squared": [round(h[0], 6) for h in history],
                   "noise_squared": round(floor, 6), "steps": len(history) - 1, "stopped": stopped,
                   "voxels": int(fit.region.sum()), "seconds": round(time.perf_counter() - began, 3),
-                  "options": asdict(opts), **fit.report()}
+                  "options": asdict(opts), **fit.report(), **extra}
         log.info("refined (%s) in %d steps (%s): residual^2 %.4f -> %.4f, noise %.4f, %.1f s", opts.model,
                  report["steps"], stopped, history[0][0], history[-1][0], floor, report["seconds"])
         return Volume(ne=refined.ne, no=refined.no, director=refined.director, voxel_size_m=volume.voxel_size_m,
                       medium_index=volume.medium_index, uncertainty=volume.uncertainty,
                       parameters={**volume.parameters, "refinement": report})
+
+
+    def _configured(self, fit: "_ParticleFit", residual, history: list, floor: float, stopped: str):
+        """Each fitted spheroid droplet's director set to its closed-form configuration
+        (:func:`~.configurations.configured_director`), then ``configuration_iterations`` more steps
+        with it held (the levels and shapes refitted to it). Kept only if the fields agree with it
+        nearly as well as with the free director (``CONFIGURATION_RESIDUAL_TOLERANCE``), or to the
+        noise: a closed form that is wrong for a droplet raises the residual. Returns (why the fit
+        stopped, the report's additions)."""
+        opts = self.options
+        with torch.no_grad():
+            particles = fit.fitted_particles()
+            director = fit.volume().director
+        configured, rows = configured_director(director, particles, fit.voxel_size_m, particles.ne > particles.no)
+        held = np.isin(particles.owner, [row["particle"] for row in rows if row["used"]])
+        report = {"configurations": rows}
+        if not held.any():
+            return stopped, report
+        saved = fit.checkpoint()
+        fit.hold_director(configured, held)
+        target = opts.stop_at_noise * floor
+        after = [residual(backward=False)]
+        configured_stop = _optimise(fit.parameters, residual, after, opts.configuration_iterations, target)
+        kept = after[-1][0] <= max(history[-1][0] * (1 + CONFIGURATION_RESIDUAL_TOLERANCE), target)
+        report.update(configuration_residual_squared=[round(h[0], 6) for h in after], configurations_kept=kept)
+        if not kept:
+            fit.restore(saved)
+            return stopped, report
+        history.extend(after[1:])
+        return configured_stop, report
+
+
+def _optimise(parameters, residual, history: list, iterations: int, target: float) -> str:
+    """L-BFGS steps on ``parameters`` until ``residual`` (a function of whether to backpropagate,
+    returning (the fields' residual, the prior's penalty)) reaches ``target`` or stops falling;
+    each kept volume's pair is appended to ``history``. Returns why it stopped."""
+    # max_eval: room for the line search to shrink a first step that overshoots
+    optimiser = torch.optim.LBFGS(parameters, lr=1.0, max_iter=1, max_eval=6, history_size=10,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        return torch.tensor(sum(residual(backward=True)))
+
+    for _ in range(iterations):
+        if history[-1][0] <= target:
+            return "noise"
+        before = [p.detach().clone() for p in parameters]
+        optimiser.step(closure)
+        history.append(residual(backward=False))
+        if sum(history[-1]) > sum(history[-2]) * (1 - 1e-4):
+            if sum(history[-1]) > sum(history[-2]):  # a failed line search: keep the better volume
+                with torch.no_grad():
+                    for parameter, kept in zip(parameters, before):
+                        parameter.copy_(kept)
+                history.pop()
+            return "no_progress"
+    return "noise" if history[-1][0] <= target else "max_iterations"
 
 
 class _VoxelFit:
@@ -357,6 +411,7 @@ class _ParticleFit:
         self._levels_free = torch.zeros(2, particles.count, device=device, requires_grad=True)
         self._f_free = torch.zeros_like(self._f_start, requires_grad=self._f_moves is not None)
         self._director_free = torch.zeros_like(self._director_start, requires_grad=True)
+        self._director_moves = self._inside
         self.parameters = [self._levels_free, self._director_free]
         if self._f_moves is not None:
             self.parameters.append(self._f_free)
@@ -371,8 +426,40 @@ class _ParticleFit:
             f = f + self._f_smooth(self._f_free[None])[0] * self._f_moves
         if self._spheroids is not None:
             f = self._spheroids.paint(f)
-        d = self._director_start + self._smooth(self._director_free) * self._inside
+        d = self._director_start + self._smooth(self._director_free) * self._director_moves
         return no, b, f, d / d.norm(dim=0, keepdim=True).clamp_min(1e-6)
+
+    @property
+    def voxel_size_m(self):
+        return self._voxel_size_m
+
+    def hold_director(self, director: np.ndarray, held: np.ndarray) -> None:
+        """From here on the director is ``director`` [3, Z, Y, X] where ``held``, and moves on from its
+        current value elsewhere."""
+        with torch.no_grad():
+            current = self._state()[3]
+            held = torch.as_tensor(held, device=current.device)
+            self._director_start = torch.where(held, torch.as_tensor(director, device=current.device), current)
+            self._director_free.zero_()
+            self._director_moves = self._inside * ~held
+
+    def checkpoint(self):
+        return [p.detach().clone() for p in self.parameters], self._director_start, self._director_moves
+
+    def restore(self, checkpoint) -> None:
+        values, self._director_start, self._director_moves = checkpoint
+        with torch.no_grad():
+            for parameter, value in zip(self.parameters, values):
+                parameter.copy_(value)
+
+    def fitted_particles(self) -> ParticleMap:
+        """The particles as now fitted, each fitted spheroid as a uniform ``Droplet``."""
+        particles = self._fitted()
+        spheroids = list(particles.spheroids or (None,) * particles.count)
+        if self._spheroids is not None:
+            for k, droplet in self._spheroids.droplets(self._medium_index).items():
+                spheroids[k - 1] = droplet
+        return replace(particles, spheroids=tuple(spheroids))
 
     def eps6(self) -> torch.Tensor:
         no, b, f, d = self._state()
@@ -401,7 +488,8 @@ class _ParticleFit:
         no, b, f, _ = state or self._state()
         return ParticleMap(owner=self._owner, occupancy=f.detach().clamp(0, 1).cpu().numpy(),
                            ne=torch.sqrt(no**2 + b**2).detach().double().cpu().numpy(),
-                           no=no.detach().double().cpu().numpy(), shapes=self._particles.shapes)
+                           no=no.detach().double().cpu().numpy(), shapes=self._particles.shapes,
+                           spheroids=self._particles.spheroids)
 
     def volume(self) -> Volume:
         state = self._state()  # once: with fitted spheroids it renders them
@@ -475,6 +563,17 @@ class _SpheroidShapes:
             soft = soft_spheroid_occupancy(*self._parameters(i), coords, self._voxel_size_m).to(occupancy.dtype)
             occupancy[box] = occupancy[box] * (1 - region) + soft * region
         return occupancy
+
+    def droplets(self, medium_index: float) -> dict:
+        """{particle: its spheroid as now fitted, a uniform ``Droplet``}."""
+        out = {}
+        with torch.no_grad():
+            for i, k in enumerate(self._ids):
+                centre, radius, aspect, axis = self._parameters(i)
+                out[k] = Droplet(center_m=tuple(centre.flip(0).tolist()), radius_m=float(radius),
+                                 axis=tuple(axis.flip(0).tolist()), configuration="uniform",
+                                 ne=medium_index + 0.1, no=medium_index + 0.1, aspect=float(aspect))
+        return out
 
     def report(self) -> list[dict]:
         rows = []
