@@ -245,6 +245,11 @@ def test_reconstruct_refines_particles_on_request(tmp_path, capsys):
     assert report["options"]["fit_shapes"] and len(report["particles"]["spheroids"]) == 1
     assert report["residual_squared"][1] < report["residual_squared"][0]
     assert "refinement           residual^2" in capsys.readouterr().out
+    # the closed-form directors stand on the fitted spheroids: asked for without them, a clear refusal
+    assert main(["reconstruct", str(tmp_path / "a.h5"), "--method", "model", "--out", str(tmp_path / "w.h5"),
+                 "--refine-iterations", "1", "--refine-model", "particles", "--refine-configurations"]) != 0
+    assert "fit_configurations needs the particles model with fit_shapes" in capsys.readouterr().err
+    assert not (tmp_path / "w.h5").exists()
 
 
 def test_the_service_publishes_uniform_particles_as_offline(tmp_path):
