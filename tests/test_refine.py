@@ -18,6 +18,7 @@ from biref_sdk.reconstruction.consistency import ConsistencyCheck
 from biref_sdk.reconstruction.refine import (PhysicsRefined, RefineOptions, Refiner, _aligned, _gaussian_smoother,
                                              particle_region)
 from biref_sdk.samples import Droplet, droplet_sample
+from biref_sdk.samples.tensor import voxel_centres_m
 from biref_sdk.simulate import SimulationConfig, Simulator
 
 from mie_acquisition import CASES, mie_acquisition
@@ -233,3 +234,38 @@ def test_closed_form_configurations_bring_a_scattered_director_home(bipolar_drop
     # both levels back within 0.001 of the truth's (they started 0.0015-0.0025 off)
     for fitted, true in ((configured.ne, truth.ne), (configured.no, truth.no)):
         assert abs(np.median(fitted[core]) - np.median(true[core])) < 1e-3
+
+
+def test_a_closed_form_the_fields_disagree_with_is_not_kept(bipolar_droplet_acquisition, monkeypatch):
+    """The fields judge the closed form: a bipolar droplet given a radial director explains them
+    worse than its free director, so the free fit is published and the report says so."""
+    import biref_sdk.reconstruction.refine as refine_module
+    from biref_sdk.reconstruction.configurations import configured_director
+
+    acquisition = bipolar_droplet_acquisition
+    truth = acquisition.truth
+
+    def radial_instead(director, particles, voxel_size_m, birefringent, **kwargs):
+        configured, rows = configured_director(director, particles, voxel_size_m, birefringent, **kwargs)
+        spheroid = particles.spheroids[rows[0]["particle"] - 1]
+        own = (particles.owner == rows[0]["particle"]) & (particles.occupancy > 0)
+        z, y, x = voxel_centres_m(own.shape, voxel_size_m)
+        zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
+        points = torch.stack([xx, yy, zz], -1)[torch.as_tensor(own)].double()
+        centre = torch.as_tensor(spheroid.center_m, dtype=torch.float64)
+        radial = (points - centre) / (points - centre).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        configured[:, own] = radial.T.numpy()
+        return configured, [{**rows[0], "configuration": "radial"}]
+
+    monkeypatch.setattr(refine_module, "configured_director", radial_instead)
+    options = dict(max_iterations=2, model="particles", fit_shapes=True, configuration_iterations=2)
+    free = Refiner(acquisition.geometry, RefineOptions(**options)).refine(
+        truth, acquisition.holograms, acquisition.background)
+    judged = Refiner(acquisition.geometry, RefineOptions(**options, fit_configurations=True)).refine(
+        truth, acquisition.holograms, acquisition.background)
+    report = judged.parameters["refinement"]
+    assert report["configurations"][0]["configuration"] == "radial" and not report["configurations_kept"]
+    # the radial director raised the residual far beyond the tolerance, and the free fit is what is published
+    assert report["configuration_residual_squared"][-1] > 2 * report["residual_squared"][-1]
+    np.testing.assert_allclose(judged.director, free.director, atol=1e-5)
+    np.testing.assert_allclose(judged.ne, free.ne, atol=1e-6)

@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 MODELS = ("voxels", "particles")
 #: fit_configurations keeps the closed-form directors if the fields' residual with them is at most this
 #: much above the free director's (relative): see docs/reconstruction.md, "Director configurations"
-CONFIGURATION_RESIDUAL_TOLERANCE = 0.1
+CONFIGURATION_RESIDUAL_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
