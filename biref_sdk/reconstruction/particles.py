@@ -35,7 +35,10 @@ crystal). A reconstruction is not: its indices wander inside a particle and blur
   axes differ by less than ``sphere_tolerance``), voxelized with the simulator's partial volumes,
   unless that spheroid differs from the particle's own occupancy by more than
   ``max_shape_mismatch`` (``sum |f_s - f| / sum f``: a merged pair, a particle cut by the field's
-  edge), which then keeps its voxels. A droplet is a sphere by surface tension, or a spheroid
+  edge), which then keeps its voxels. A small particle's surface is large for its volume, so the
+  share also admits a spheroid whose surface lies within ``max_surface_error_voxels`` (lateral)
+  of the occupancy's on average (``sum |f_s - f|`` x the voxel's volume / the spheroid's area),
+  up to twice ``max_shape_mismatch``. A droplet is a sphere by surface tension, or a spheroid
   when stretched along one axis; the network's moments are right to 1-3 % where its surface wanders
   by a voxel (docs/reconstruction.md, measured on the held-out sets). ``shape="voxels"`` keeps the
   occupancy read off the volume.
@@ -161,7 +164,8 @@ def _without_specks(labels: torch.Tensor, count: int, min_voxels: int) -> tuple[
 def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxels: int = 2,
                       growth_voxels: int = 2, birefringence_threshold: float = 1e-3,
                       min_particle_voxels: int = 4, shape: str = "spheroid", sphere_tolerance: float = 0.1,
-                      max_shape_mismatch: float = 0.15, split_erosion_voxels: int = 4) -> ParticleMap:
+                      max_shape_mismatch: float = 0.15, max_surface_error_voxels: float = 0.75,
+                      split_erosion_voxels: int = 4) -> ParticleMap:
     """The particles of ``volume`` (module docstring)."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
@@ -187,13 +191,15 @@ def segment_particles(volume: Volume, threshold: float = 3e-3, core_erosion_voxe
     particles = read(cores, isotropic)
     if shape != "spheroid":
         return particles
-    shaped = spheroid_shapes(particles, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch)
+    shaped = spheroid_shapes(particles, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch,
+                             max_surface_error_voxels)
     unlike = [k for k, kind in enumerate(shaped.shapes, 1) if kind == "voxels"]
     if split_erosion_voxels and unlike:  # only those unlike a spheroid are tried: most volumes have none
         split = _split_merged(read, particles, cores, isotropic, unlike, volume.voxel_size_m, sphere_tolerance,
                               max_shape_mismatch, split_erosion_voxels, min_particle_voxels)
         if split is not particles:
-            shaped = spheroid_shapes(split, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch)
+            shaped = spheroid_shapes(split, volume.voxel_size_m, nm, sphere_tolerance, max_shape_mismatch,
+                                     max_surface_error_voxels)
     return shaped
 
 
@@ -319,7 +325,7 @@ def spheroid_area_m2(droplet: Droplet) -> float:
 
 
 def spheroid_shapes(particles: ParticleMap, voxel_size_m, medium_index: float, sphere_tolerance: float = 0.1,
-                    max_shape_mismatch: float = 0.15, max_surface_error_voxels: float = 0.0) -> ParticleMap:
+                    max_shape_mismatch: float = 0.15, max_surface_error_voxels: float = 0.75) -> ParticleMap:
     """``particles`` with each one's occupancy replaced by its moment spheroid where that spheroid
     differs from it by at most ``max_shape_mismatch`` (module docstring); a voxel two spheroids
     share belongs to the fuller one."""
@@ -333,8 +339,12 @@ def spheroid_shapes(particles: ParticleMap, voxel_size_m, medium_index: float, s
         droplet, spheroid = _moment_shape(own, voxel_size_m, medium_index, sphere_tolerance)
         mismatch = np.abs(spheroid - own).sum()
         surface_error_m = mismatch * np.prod(voxel_size_m) / spheroid_area_m2(droplet)
-        if (mismatch > max_shape_mismatch * own.sum()
-                and surface_error_m > max_surface_error_voxels * min(voxel_size_m)):
+        # a small particle's surface is large for its volume: there the share can exceed the limit
+        # while the surface lies within a voxel of the spheroid's (up to twice the share: a speck's
+        # surface error is small whatever its shape)
+        near = (surface_error_m <= max_surface_error_voxels * min(voxel_size_m)
+                and mismatch <= 2 * max_shape_mismatch * own.sum())
+        if mismatch > max_shape_mismatch * own.sum() and not near:
             continue
         shapes[k - 1] = "sphere" if droplet.aspect == 1.0 else "spheroid"
         spheroids[k - 1] = droplet
