@@ -277,7 +277,6 @@ class Refiner:
                       medium_index=volume.medium_index, uncertainty=volume.uncertainty,
                       parameters={**volume.parameters, "refinement": report})
 
-
     def _configured(self, fit: "_ParticleFit", residual, history: list, floor: float, stopped: str):
         """Each fitted spheroid droplet's director set to its closed-form configuration
         (:func:`~.configurations.configured_director`), then ``configuration_iterations`` more steps
