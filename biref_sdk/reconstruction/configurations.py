@@ -103,9 +103,7 @@ def fit_configuration(director: np.ndarray, weight: np.ndarray, spheroid: Drople
     inside = torch.as_tensor(weight > 0)
     if not bool(inside.any()):
         raise ValueError("the particle has no voxel to fit")
-    z, y, x = voxel_centres_m(weight.shape, voxel_size_m)
-    zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
-    points_m = torch.stack([xx[inside], yy[inside], zz[inside]], -1).double()
+    points_m = _points_m(inside, voxel_size_m)
     d = torch.as_tensor(np.asarray(director, dtype=np.float64))[:, inside].T
     d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     w = torch.as_tensor(np.asarray(weight, dtype=np.float64))[inside]
@@ -125,6 +123,13 @@ def fit_configuration(director: np.ndarray, weight: np.ndarray, spheroid: Drople
     return fine if fine.agreement > coarse.agreement else coarse
 
 
+def _points_m(mask: torch.Tensor, voxel_size_m) -> torch.Tensor:
+    """The centres (x, y, z) in metres [N, 3] of the voxels where ``mask`` [Z, Y, X]."""
+    z, y, x = voxel_centres_m(tuple(mask.shape), voxel_size_m)
+    zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
+    return torch.stack([xx[mask], yy[mask], zz[mask]], -1).double()
+
+
 def _touches_edge(mask: np.ndarray) -> bool:
     return any(mask.take(i, axis=a).any() for a in range(3) for i in (0, -1))
 
@@ -134,11 +139,10 @@ def configured_director(director: np.ndarray, particles: ParticleMap, voxel_size
     """``director`` [3, Z, Y, X] with each birefringent spheroid particle's voxels set to its fitted
     closed form where it agrees at least ``min_agreement`` (:func:`fit_configuration` over the
     voxels the particle fills more than half), and a report per particle tried. A particle whose
-    full voxels reach the volume's edge is not tried. ``birefringent``:
-    per particle, whether it has a director at all (an isotropic bead has none)."""
+    full voxels reach the volume's edge is not tried. ``birefringent``: per particle, whether it
+    has a director at all (an isotropic bead has none)."""
     out = np.array(director, dtype=np.float32, copy=True)
     report = []
-    z, y, x = voxel_centres_m(particles.owner.shape, voxel_size_m)
     for k, spheroid in enumerate(particles.spheroids or (), 1):
         if spheroid is None or not birefringent[k - 1]:
             continue
@@ -152,9 +156,6 @@ def configured_director(director: np.ndarray, particles: ParticleMap, voxel_size
                        "axis": list(fit.droplet.axis), "twist_rad": fit.droplet.twist_rad,
                        "defect_offset": fit.droplet.defect_offset, "agreement": fit.agreement, "used": used})
         if used:
-            zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
-            mask = torch.as_tensor(own)
-            points_m = torch.stack([xx[mask], yy[mask], zz[mask]], -1).double()
-            out[:, own] = director_field(fit.droplet, points_m).T.numpy()
+            out[:, own] = director_field(fit.droplet, _points_m(torch.as_tensor(own), voxel_size_m)).T.numpy()
     log.debug("director configurations: %s", report)
     return out, report
