@@ -314,8 +314,15 @@ def moment_spheroid(weight: np.ndarray, voxel_size_m, medium_index: float, spher
         else:                                         # oblate: one short axis
             axis_zyx, aspect = vectors[:, 0], semi[0] / np.sqrt(semi[1] * semi[2])
     radius = (3 * volume_m3 / (4 * np.pi * aspect)) ** (1 / 3)
-    return Droplet(center_m=tuple(centroid[::-1]), radius_m=float(radius), axis=tuple(axis_zyx[::-1]),
-                   configuration="uniform", ne=medium_index + 0.1, no=medium_index + 0.1, aspect=float(aspect))
+    return spheroid_droplet(centroid, radius, aspect, axis_zyx, medium_index)
+
+
+def spheroid_droplet(centre_zyx_m, radius_m: float, aspect: float, axis_zyx, medium_index: float) -> Droplet:
+    """A spheroid (centre and axis in (z, y, x)) as a uniform ``Droplet``, whose indices are unused
+    but valid, so that it is voxelized exactly as the simulator's droplets."""
+    return Droplet(center_m=tuple(float(c) for c in centre_zyx_m[::-1]), radius_m=float(radius_m),
+                   axis=tuple(float(a) for a in axis_zyx[::-1]), configuration="uniform",
+                   ne=medium_index + 0.1, no=medium_index + 0.1, aspect=float(aspect))
 
 
 def spheroid_area_m2(droplet: Droplet) -> float:

@@ -71,13 +71,13 @@ import torch
 
 from ..files import Volume
 from ..geometry import Geometry
-from ..samples.droplets import Droplet
 from ..samples.tensor import _PAIRS, eps6_to_volume
 from ._eigen import symmetric_eigen
 from .base import ReconstructionSession, Reconstructor
 from .configurations import configured_director
 from .consistency import ConsistencyCheck
-from .particles import SHAPES, ParticleMap, dilate, particle_report, segment_particles, soft_spheroid_occupancy
+from .particles import (SHAPES, ParticleMap, dilate, particle_report, segment_particles, soft_spheroid_occupancy,
+                        spheroid_droplet)
 
 log = logging.getLogger(__name__)
 
@@ -570,9 +570,7 @@ class _SpheroidShapes:
         with torch.no_grad():
             for i, k in enumerate(self._ids):
                 centre, radius, aspect, axis = self._parameters(i)
-                out[k] = Droplet(center_m=tuple(centre.flip(0).tolist()), radius_m=float(radius),
-                                 axis=tuple(axis.flip(0).tolist()), configuration="uniform",
-                                 ne=medium_index + 0.1, no=medium_index + 0.1, aspect=float(aspect))
+                out[k] = spheroid_droplet(centre.tolist(), radius, aspect, axis.tolist(), medium_index)
         return out
 
     def report(self) -> list[dict]:
