@@ -121,6 +121,7 @@ def main() -> int:
         parser.error("--refine-iterations: with --method model and one --refine-model")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from biref_sdk.files import Dataset
+    from biref_sdk.metrics import psnr
     from biref_sdk.reconstruction import get_reconstructor
 
     load_before = os.getloadavg()
@@ -129,8 +130,6 @@ def main() -> int:
     variants = refined_variants(args.method, reconstructor, args)
     method = next(iter(variants), args.method)
     reconstructor = variants.get(method, reconstructor)
-    from biref_sdk.metrics import compare_volumes
-
     samples = []
     with Dataset(args.data) as dataset:
         for index in range(min(len(dataset), args.limit or len(dataset))):
@@ -139,7 +138,7 @@ def main() -> int:
             truth = acquisition.truth
             sample = split(np.asarray(truth.ne, np.float64), np.asarray(volume.ne, np.float64),
                            float(truth.medium_index), args.shell_voxels)
-            sample.update(psnr_ne=compare_volumes(truth, volume)["psnr_ne"],
+            sample.update(psnr_ne=psnr(truth.ne, volume.ne),
                           particles=particle_rows(truth, volume, args.shell_voxels))
             samples.append(sample)
             print(f"sample {index}: n_e {sample['psnr_ne']:.2f} dB; "
