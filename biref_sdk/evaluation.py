@@ -46,9 +46,9 @@ class MethodScores:
 
 
 def evaluate(dataset_path, reconstructors: dict, limit: int | None = None, progress: bool = False,
-             scores: dict[str, MethodScores] | None = None, on_volume=None) -> dict[str, dict]:
-    """Scores of each named :class:`Reconstructor` on the first ``limit`` samples (all by default)
-    of a data set file: ``{method: {psnr_ne, ..., seconds_per_sample, n_samples}}``. ``scores``
+             scores: dict[str, MethodScores] | None = None, on_volume=None, first: int = 0) -> dict[str, dict]:
+    """Scores of each named :class:`Reconstructor` on ``limit`` samples (all by default) from sample
+    ``first`` on of a data set file: ``{method: {psnr_ne, ..., seconds_per_sample, n_samples}}``. ``scores``
     (optional, filled in) keeps the per-sample values and times; ``on_volume(index, method,
     acquisition, volume)`` sees each reconstruction (e.g. to draw a few)."""
     from .files import Dataset
@@ -57,11 +57,13 @@ def evaluate(dataset_path, reconstructors: dict, limit: int | None = None, progr
         raise ValueError("no reconstruction method to evaluate")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if first < 0:
+        raise ValueError(f"first must be >= 0, got {first}")
     scores = scores if scores is not None else {}
     scores.update({name: MethodScores(name) for name in reconstructors})
     with Dataset(dataset_path) as dataset:
-        n = len(dataset) if limit is None else min(limit, len(dataset))
-        iterator = range(n)
+        end = len(dataset) if limit is None else min(first + limit, len(dataset))
+        iterator = range(first, end)
         if progress:
             from tqdm.auto import tqdm
             iterator = tqdm(iterator, desc="evaluating", unit="sample")

@@ -261,6 +261,20 @@ def test_evaluate_cli_passes_formula_options(tmp_path, capsys):
     assert scores[5]["rmse_no"] < scores[0]["rmse_no"]
 
 
+def test_an_evaluation_split_in_parts_scores_the_samples_of_the_whole(tmp_path):
+    from biref_sdk.evaluation import MethodScores, evaluate
+
+    assert main(["simulate", "--preset", "small", "--n", "3", "--seed", "5", "--out", str(tmp_path / "d.h5")]) == 0
+    formula = {"formula": get_reconstructor("formula")}
+    whole, first, rest = ({"formula": MethodScores("formula")} for _ in range(3))
+    evaluate(tmp_path / "d.h5", formula, scores=whole)
+    evaluate(tmp_path / "d.h5", formula, scores=first, limit=1)
+    assert evaluate(tmp_path / "d.h5", formula, scores=rest, first=1, limit=5)["formula"]["n_samples"] == 2
+    assert first["formula"].samples + rest["formula"].samples == whole["formula"].samples
+    with pytest.raises(ValueError, match="first"):
+        evaluate(tmp_path / "d.h5", formula, first=-1)
+
+
 # -- parts against their definitions ----------------------------------------------------------------
 
 def random_symmetric(rng, n):
