@@ -57,6 +57,9 @@ def add_refine_arguments(parser) -> None:
                         help="the particles model also fits each spheroid's centre, size, axis and aspect")
     parser.add_argument("--refine-configurations", action="store_true",
                         help="with --refine-shapes: spheroid droplets' director as its closed-form configuration")
+    parser.add_argument("--refine-restarts", action="store_true",
+                        help="with --refine-configurations: droplets' shapes restarted as spheres or prolate "
+                             "along their closed form's axis, the fields choosing")
     parser.add_argument("--particle-shape", choices=("spheroid", "voxels"), default="spheroid",
                         help="the particles' shapes (uniform particles, particle refinement; default spheroid)")
 
@@ -64,7 +67,8 @@ def add_refine_arguments(parser) -> None:
 def refined_variants(name: str, reconstructor, args) -> dict:
     """``{row name: reconstructor}``: ``reconstructor`` refined with each ``--refine-model``
     (``NAME+refined`` for voxels, ``NAME+refined-MODEL`` otherwise, ``-shapes`` added when the
-    particles' shapes are fitted too, ``-configurations`` when the directors' closed forms); empty without
+    particles' shapes are fitted too, ``-configurations`` when the directors' closed forms, ``-restarts`` when
+    the droplets' shapes are restarted); empty without
     ``--refine-iterations``."""
     from biref_sdk.reconstruction.refine import PhysicsRefined, RefineOptions
 
@@ -74,9 +78,10 @@ def refined_variants(name: str, reconstructor, args) -> dict:
     for model in args.refine_model or ["voxels"]:
         shapes = args.refine_shapes and model == "particles"
         configurations = shapes and args.refine_configurations
+        restarts = configurations and args.refine_restarts
         row = (f"{name}+refined" + ("" if model == "voxels" else f"-{model}") + ("-shapes" if shapes else "")
-               + ("-configurations" if configurations else ""))
+               + ("-configurations" if configurations else "") + ("-restarts" if restarts else ""))
         variants[row] = PhysicsRefined(reconstructor, RefineOptions(
             max_iterations=args.refine_iterations, model=model, particle_shape=args.particle_shape,
-            fit_shapes=shapes, fit_configurations=configurations))
+            fit_shapes=shapes, fit_configurations=configurations, restart_shapes=restarts))
     return variants

@@ -78,6 +78,9 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool, default: st
                        help="with --refine-shapes: set each spheroid droplet's director to the closed-form "
                             "nematic configuration (bipolar, radial, ...) that fits it, where one does, then "
                             "refit the levels and shapes to it (docs/reconstruction.md, Director configurations)")
+        p.add_argument("--refine-restarts", action="store_true",
+                       help="with --refine-configurations: first restart the droplets' spheroids as spheres and "
+                            "as prolate along their closed form's axis; the fields choose (docs/reconstruction.md)")
     p.add_argument("--uniform-particles", action="store_true",
                    help="rebuild each volume as particles of one material each: one (n_e, n_o) per particle, "
                         "its shape from the volume (docs/reconstruction.md, Uniform particles); for droplets "
@@ -123,7 +126,8 @@ def build_reconstructors(methods: list[str], args: argparse.Namespace) -> dict:
                                                                         model=args.refine_model,
                                                                         particle_shape=args.particle_shape,
                                                                         fit_shapes=args.refine_shapes,
-                                                                        fit_configurations=args.refine_configurations),
+                                                                        fit_configurations=args.refine_configurations,
+                                                                        restart_shapes=args.refine_restarts),
                                            device=args.device)
         if args.uniform_particles:  # after the refinement, before the check that scores what is published
             from ..reconstruction.particles import UniformParticles
