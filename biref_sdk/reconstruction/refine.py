@@ -38,6 +38,10 @@ refinement moves the volume until it explains them as well as the camera noise a
   worse than with the free director (by more than ``CONFIGURATION_RESIDUAL_TOLERANCE``), the free
   fit is kept. The free director scatters by several degrees voxel by voxel (the missing cone);
   the closed form does not.
+* **Shape restarts** (``restart_shapes``, with ``fit_configurations``): before the configurations,
+  the droplets whose fitted spheroid is neither a sphere nor prolate along its closed form's axis
+  (a local minimum of the shape fit: a small droplet read oblate across the axis along which it is
+  prolate) are restarted at those two shapes, the fields choosing (:meth:`Refiner._restarted`).
 * **Preconditioning.** The fields are far more sensitive to ``n_o`` (the mean phase) than to ``w``
   (the retardance), so plain gradients move ``n_o`` to absorb the birefringence's errors; ``w``
   is optimised as ``w / birefringence_step_scale``. Measured on a droplet of the single-droplet set
