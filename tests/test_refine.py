@@ -300,6 +300,27 @@ def test_a_droplet_read_oblate_across_its_axis_is_restarted_prolate_along_it():
     assert report["residual_squared"][-1] < went_on.parameters["refinement"]["residual_squared"][-1]
 
 
+def test_an_isotropic_bead_read_elongated_is_restarted_a_sphere_which_the_fields_keep():
+    """An isotropic bead, a sphere, whose start is a prolate spheroid of its volume (aspect 1.4):
+    after the droplets' tries the bead alone is restarted a sphere, and the fields keep it."""
+    geometry = preset("small")
+    bead = Droplet((0.0, 0.0, 0.0), 0.5e-6, (1.0, 0.0, 0.0), "uniform", 1.56, 1.56)
+    acquisition = Simulator(geometry).acquire(droplet_sample([bead], geometry), seed=4)
+    axis = np.array([1.0, 0.0, 0.5]) / np.linalg.norm([1.0, 0.0, 0.5])
+    elongated = Droplet((0.0, 0.0, 0.0), 0.5e-6 / 1.4 ** (1 / 3), tuple(axis), "uniform", 1.558, 1.558, aspect=1.4)
+    start = droplet_sample([elongated], geometry).truth()
+    options = dict(max_iterations=2, model="particles", fit_shapes=True, fit_configurations=True,
+                   configuration_iterations=2, restart_iterations=4)
+    went_on, restarted = (Refiner(geometry, RefineOptions(**options, restart_shapes=restart)).refine(
+        start, acquisition.holograms, acquisition.background) for restart in (False, True))
+    report = restarted.parameters["refinement"]
+    assert [(r["restart"], r["kept"]) for r in report["shape_restarts"]] == [("isotropic sphere", True)], report
+    [fitted] = report["particles"]["spheroids"]
+    assert fitted["aspect"] == 1.0, fitted
+    assert went_on.parameters["refinement"]["particles"]["spheroids"][0]["aspect"] > 1.1
+    assert report["residual_squared"][-1] < went_on.parameters["refinement"]["residual_squared"][-1]
+
+
 def test_a_restarted_spheroid_keeps_its_centre_and_volume_and_a_checkpoint_brings_it_back():
     geometry = preset("small")
     droplet = Droplet((0.1e-6, 0.0, -0.1e-6), 0.5e-6, (1.0, 0.0, 0.0), "uniform", 1.56, 1.55, aspect=1.3)
