@@ -310,7 +310,8 @@ class Refiner:
         with torch.no_grad():
             particles = fit.fitted_particles()
             director = fit.volume().director
-        _, rows = configured_director(director, particles, fit.voxel_size_m, particles.ne > particles.no)
+        birefringent = particles.ne > particles.no
+        _, rows = configured_director(director, particles, fit.voxel_size_m, birefringent)
         spheres, tries = [], []
         for row in rows:
             shape = fit.spheroid_shape(row["particle"])
@@ -327,11 +328,10 @@ class Refiner:
                 spheres.append((row["particle"], 1.0, axis))
         # isotropic beads (spheres 80 % of the time in the simulator) last and each alone, so that a
         # bead's try cannot change which of the droplets' tries the fields keep
-        birefringent = particles.ne > particles.no
-        for particle, spheroid in enumerate(particles.spheroids or (), 1):
-            shape = fit.spheroid_shape(particle) if spheroid is not None else None
-            if shape is not None and not birefringent[particle - 1] and shape[0] != 1.0:
-                tries.append(("isotropic sphere", [(particle, 1.0, shape[1])]))
+        for particle in np.flatnonzero(~birefringent) + 1:
+            shape = fit.spheroid_shape(int(particle))
+            if shape is not None and shape[0] != 1.0:
+                tries.append(("isotropic sphere", [(int(particle), 1.0, shape[1])]))
         report = {"shape_restarts": []}
         best = history[-1][0]
         target = self.options.stop_at_noise * floor
